@@ -170,6 +170,7 @@ class TrainConfig:
     resume: bool = False  # continue from out_dir/ckpt.pt exactly where it stopped
     stop_at: int = 0  # stop after this many iterations (as if interrupted; the schedule still uses max_iters)
     num_threads: int = 0  # torch CPU threads; 0 = torch's default
+    plot: str = "assets/gpt_loss.png"  # loss-curve plot written by `python gpt.py`; empty = none
 
 
 @dataclass
@@ -422,7 +423,8 @@ def load_tokens(split: str, enc: tiktoken.Encoding, data: str = "sample") -> np.
     return tokens
 
 
-def get_batch(tokens: np.ndarray, offsets: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def get_batch(tokens: np.ndarray, offsets: torch.Tensor, block_size: int
+              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Inputs x and next-token targets y for windows starting at `offsets`: both (B, T) int64."""
     idx = offsets.numpy()[:, None] + np.arange(block_size + 1)[None, :]  # (B, T+1)
     w = torch.from_numpy(tokens[idx].astype(np.int64))
@@ -515,6 +517,19 @@ def sdpa_attention(q, k, v, *, causal=True, window=0, sinks=None, soft_cap=0.0):
 
 
 ATTENTION: dict[str, Callable] = {"naive": naive_attention, "sdpa": sdpa_attention}
+
+
+@torch.no_grad()
+def max_attention_logit(q, k, *, causal=True, window=0) -> torch.Tensor:
+    """Each head's largest visible pre-softmax score q.k / sqrt(hs) over the batch: (nh,).
+    Exploding maxima signal unstable training; MuonClip (muon.py) caps them."""
+    B, nh, Tq, hs = q.shape
+    k = k.repeat_interleave(nh // k.shape[1], dim=1)  # (B, nh, Tk, hs)
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(hs)  # (B, nh, Tq, Tk)
+    mask = attention_mask(Tq, k.shape[2], causal, window, q.device)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return scores.amax(dim=(0, 2, 3))  # (nh,)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -622,6 +637,8 @@ class Attention(nn.Module):
         if cfg.sinks:
             self.sinks = nn.Parameter(torch.zeros(nh))  # (nh,) one learned logit per head
         self.dropout = nn.Dropout(cfg.dropout)
+        self.record_max_logit = False  # when True, forward stores max_attention_logit in self.max_logit
+        self.max_logit: Optional[torch.Tensor] = None
 
     def forward(self, x, rope: Optional[tuple], cache: Optional[KVCache] = None):
         B, T, C = x.shape
@@ -637,6 +654,8 @@ class Attention(nn.Module):
         masked = True
         if cache is not None:
             k, v, masked = cache.update(self.layer, k, v)  # (B, nkv, Tk, hs)
+        if self.record_max_logit:  # an extra Q K^T without gradients: off unless asked for
+            self.max_logit = max_attention_logit(q, k, causal=masked, window=cfg.window if masked else 0)
         y = ATTENTION[cfg.attn_impl](q, k, v, causal=masked, window=cfg.window if masked else 0,
                                      sinks=getattr(self, "sinks", None), soft_cap=cfg.attn_soft_cap)
         y = y.transpose(1, 2).reshape(B, T, cfg.n_head * cfg.head_size)  # (B, T, nh*hs)
@@ -1001,7 +1020,7 @@ def train(cfg: GPTConfig, tc: TrainConfig, verbose: bool = True) -> dict:
     optimizer moments, the data generator, RNG states), so --resume continues bit-for-bit."""
     rank, world, device = setup_distributed(tc)
     master = rank == 0
-    log = print if verbose and master else (lambda *a, **k: None)
+    log = (lambda *a: print(*a, flush=True)) if verbose and master else (lambda *a: None)
     if tc.num_threads:
         torch.set_num_threads(tc.num_threads)
     if tc.max_iters <= 0 or tc.batch_size <= 0 or tc.grad_accum <= 0:
@@ -1039,19 +1058,21 @@ def train(cfg: GPTConfig, tc: TrainConfig, verbose: bool = True) -> dict:
     if tc.compile:
         model = torch.compile(model)
     if world > 1:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
 
     tokens_per_iter = tc.batch_size * tc.grad_accum * world * cfg.block_size
     n_params = raw_model.num_params()
     flops_per_token = 6 * n_params + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size  # PaLM appendix B
-    peak = next((v for k, v in PEAK_FLOPS.items() if device.type == "cuda" and k in torch.cuda.get_device_name(device)), None)
+    gpu_name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    peak = next((v for k, v in PEAK_FLOPS.items() if k in gpu_name), None)
     log(f"model: {n_params / 1e6:.2f}M parameters ({raw_model.num_params(True) / 1e6:.2f}M non-embedding), "
         f"attention={cfg.attn_impl}, tokenizer {enc.name} ({enc.n_vocab} tokens)")
     log(f"data: {len(train_tokens):,} train / {len(val_tokens):,} val tokens; {tokens_per_iter:,} tokens "
         f"per iteration on {world} process(es), device {device}, {'bf16' if use_bf16 else 'fp32'}")
 
-    def run_eval(max_tokens):
-        return evaluate(model, val_tokens, byte_lengths, cfg.block_size, tc.batch_size, max_tokens,
+    def run_eval(max_tokens):  # the unwrapped model: ranks may run different numbers of batches
+        return evaluate(raw_model, val_tokens, byte_lengths, cfg.block_size, tc.batch_size, max_tokens,
                         rank, world, autocast)
 
     model.train()
@@ -1059,9 +1080,11 @@ def train(cfg: GPTConfig, tc: TrainConfig, verbose: bool = True) -> dict:
     t_start, t_last, it = time.time(), time.time(), start
     for it in range(start, min(stop, tc.max_iters)):
         if it % tc.eval_interval == 0:
+            t_eval = time.time()
             ev = run_eval(tc.eval_tokens)
             history.append(dict(iter=it, val_loss=ev["loss"], val_bpb=ev["bpb"], time=time.time() - t_start))
             log(f"iter {it}: val loss {ev['loss']:.4f}, {ev['bpb']:.4f} bits/byte")
+            t_last += time.time() - t_eval  # keep evaluation out of the tokens/s figure
         lr_f = lr_factor(it, tc)
         for g in optimizer.param_groups:
             g["lr"] = g["initial_lr"] * lr_f
@@ -1078,12 +1101,13 @@ def train(cfg: GPTConfig, tc: TrainConfig, verbose: bool = True) -> dict:
                 _, loss = model(x, y)
             (loss / tc.grad_accum).backward()  # gradients of the mean over all micro-batches
             loss_sum += loss.item()
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else math.inf)
+        max_norm = tc.grad_clip if tc.grad_clip > 0 else math.inf  # inf: just measure the norm
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
         if not (math.isfinite(loss_sum) and math.isfinite(float(gnorm))):
             raise FloatingPointError(
-                f"non-finite loss ({loss_sum / tc.grad_accum}) or gradient norm ({float(gnorm)}) at iteration "
-                f"{it}; stopped before the update. The last good checkpoint ({ckpt_path}, if any) is "
-                "untouched: lower --lr, raise --warmup_iters or set --grad_clip, then --resume")
+                f"non-finite loss ({loss_sum / tc.grad_accum}) or gradient norm ({float(gnorm)}) at "
+                f"iteration {it}; stopped before the update. The last good checkpoint ({ckpt_path}, "
+                "if any) is untouched: lower --lr, raise --warmup_iters or set --grad_clip, then --resume")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         raw_model.after_optimizer_step()
@@ -1111,7 +1135,8 @@ def train(cfg: GPTConfig, tc: TrainConfig, verbose: bool = True) -> dict:
         final = dict(val_loss=ev["loss"], val_bpb=ev["bpb"], val_tokens=ev["tokens"],
                      unigram_loss=unigram_entropy(np.asarray(val_tokens), enc.n_vocab),
                      train_time=time.time() - t_start, iters=tc.max_iters)
-        history.append(dict(iter=tc.max_iters, val_loss=ev["loss"], val_bpb=ev["bpb"], time=time.time() - t_start))
+        history.append(dict(iter=tc.max_iters, val_loss=ev["loss"], val_bpb=ev["bpb"],
+                            time=time.time() - t_start))
         log(f"final: val loss {ev['loss']:.4f} nats/token ({ev['bpb']:.4f} bits/byte) over all "
             f"{ev['tokens']:,} val tokens; unigram baseline {final['unigram_loss']:.4f}; "
             f"{final['train_time']:.0f}s")
@@ -1159,13 +1184,14 @@ def parse_args(argv: list[str]) -> tuple[GPTConfig, TrainConfig, SampleConfig, b
         if owner is None:
             known = [k for f in kinds.values() for k in f] + ["sample", "preset"]
             close = difflib.get_close_matches(key, known, n=3)
-            raise ValueError(f"unknown option --{key}" + (f"; did you mean {', '.join('--' + c for c in close)}?"
-                                                          if close else ""))
+            hint = f"; did you mean {', '.join('--' + c for c in close)}?" if close else ""
+            raise ValueError(f"unknown option --{key}{hint}")
         typ = kinds[owner][key]
         values[owner][key] = _parse_value(key, text, typ)
     model_kw = dict(PRESETS[preset])
     model_kw.update(values[GPTConfig])
-    return GPTConfig(**model_kw), TrainConfig(**values[TrainConfig]), SampleConfig(**values[SampleConfig]), sample
+    cfg = GPTConfig(**model_kw)
+    return cfg, TrainConfig(**values[TrainConfig]), SampleConfig(**values[SampleConfig]), sample
 
 
 def print_samples(model: GPT, enc: tiktoken.Encoding, sc: SampleConfig) -> list[str]:
@@ -1204,21 +1230,24 @@ def plot_history(history: list, path: Path, title: str) -> None:
 def main(argv: list[str]) -> None:
     try:
         cfg, tc, sc, sample = parse_args(argv)
-    except ValueError as e:
+        if sample:
+            device = "cuda" if torch.cuda.is_available() and tc.device in ("auto", "cuda") else "cpu"
+            model, enc, _ = load_model(sc.ckpt, device)
+            print_samples(model, enc, sc)
+            return
+        result = train(cfg, tc)
+    except (ValueError, OSError, RuntimeError, FloatingPointError) as e:  # bad input: one clear line
         sys.exit(f"error: {e}")
-    if sample:
-        device = "cuda" if torch.cuda.is_available() and tc.device in ("auto", "cuda") else "cpu"
-        model, enc, _ = load_model(sc.ckpt, device)
-        print_samples(model, enc, sc)
-        return
-    result = train(cfg, tc)
     if int(os.environ.get("RANK", "0")) == 0 and result["final"]:
         f = result["final"]
-        print("\n| val loss (nats/token) | val bits/byte | unigram baseline | train time |")
+        print("\n| val loss (nats/token) | val bits/byte | unigram baseline | wall time (incl. eval) |")
         print("|---|---|---|---|")
-        print(f"| {f['val_loss']:.4f} | {f['val_bpb']:.4f} | {f['unigram_loss']:.4f} | {f['train_time']:.0f} s |\n")
-        plot_history(result["history"], ROOT / "assets" / "gpt_loss.png",
-                     f"gpt.py default config ({result['model'].num_params() / 1e6:.1f}M params)")
+        print(f"| {f['val_loss']:.4f} | {f['val_bpb']:.4f} | {f['unigram_loss']:.4f} | "
+              f"{f['train_time']:.0f} s |\n")
+        if tc.plot:
+            plot_history(result["history"], ROOT / tc.plot,
+                         f"gpt.py: {cfg.n_layer} layers, C={cfg.n_embd}, "
+                         f"{result['model'].num_params() / 1e6:.1f}M params, {tc.max_iters} steps")
         print_samples(result["model"], result["tokenizer"], sc)
     if dist.is_initialized():
         dist.destroy_process_group()

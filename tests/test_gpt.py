@@ -248,6 +248,26 @@ def test_attention_kernels_match_reference(nh, nkv, causal, window, sinks, Tq):
         assert torch.allclose(a, b, atol=1e-10)
 
 
+def test_max_attention_logit_is_recorded_per_head():
+    torch.manual_seed(0)
+    model = gpt.GPT(tiny_config(vocab_size=300, block_size=8, window=3)).double()
+    attn = model.layers[1].attention
+    attn.record_max_logit = True
+    captured = {}
+    attn.register_forward_pre_hook(lambda m, args: captured.update(x=args[0]))
+    model(torch.randint(0, 300, (2, 8)))
+    cfg = model.cfg
+    x = captured["x"]  # recompute the scores by hand from the layer's input
+    rope = gpt.rope_cos_sin(torch.arange(8), cfg.head_size, cfg.rope_theta)
+    q = gpt.apply_rope(attn.wq(x).view(2, 8, 4, 16), *rope).transpose(1, 2)
+    k = gpt.apply_rope(attn.wk(x).view(2, 8, 2, 16), *rope).transpose(1, 2).repeat_interleave(2, dim=1)
+    s = (q @ k.transpose(-2, -1)) / 4.0
+    i, j = torch.arange(8)[:, None], torch.arange(8)[None]
+    s = s.masked_fill(~((j <= i) & (i - j < 3)), float("-inf"))
+    assert torch.allclose(attn.max_logit, s.amax(dim=(0, 2, 3)))
+    assert model.layers[0].attention.max_logit is None  # off unless asked for
+
+
 def test_soft_cap_bounds_scores_and_sdpa_refuses_it():
     g = torch.Generator().manual_seed(0)
     q, k = 30 * torch.randn(1, 2, 5, 4, generator=g), 30 * torch.randn(1, 2, 5, 4, generator=g)
@@ -511,11 +531,15 @@ def test_cli_trains_then_samples_from_checkpoint(tmp_path):
     run = lambda *a: subprocess.run([sys.executable, str(ROOT / "gpt.py"), *a], capture_output=True,  # noqa: E731
                                     text=True, timeout=600)
     r = run("--n_layer=1", "--n_embd=32", "--block_size=32", "--max_iters=5", "--eval_interval=100",
-            "--batch_size=4", "--max_new_tokens=20", "--num_samples=1", f"--out_dir={tmp_path}")
+            "--batch_size=4", "--max_new_tokens=20", "--num_samples=1", f"--out_dir={tmp_path}",
+            f"--plot={tmp_path / 'loss.png'}")
     assert r.returncode == 0, r.stderr
     assert "bits/byte" in r.stdout and "--- sample 1 ---" in r.stdout
+    assert (tmp_path / "loss.png").stat().st_size > 1000
     r = run("--sample", f"--ckpt={tmp_path / 'ckpt.pt'}", "--prompt=Once upon a time", "--max_new_tokens=10")
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("Once upon a time") == 3
     r = run("--n_layerz=1")
     assert r.returncode != 0 and "unknown option --n_layerz" in r.stderr
+    r = run("--sample", f"--ckpt={tmp_path / 'missing.pt'}")
+    assert r.returncode != 0 and "no checkpoint at" in r.stderr and "Traceback" not in r.stderr
