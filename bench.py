@@ -72,7 +72,8 @@ def throughput(cfg: gpt.GPTConfig, tc: gpt.TrainConfig, iters: int, warmup: int)
     return out
 
 
-def race(configs: dict[str, gpt.GPTConfig], speeds: dict[str, dict], tc: gpt.TrainConfig, budget: float) -> None:
+def race(configs: dict[str, gpt.GPTConfig], speeds: dict[str, dict], tc: gpt.TrainConfig,
+         budget: float) -> None:
     """Train each config for `budget` seconds of compute and plot val bits/byte vs time."""
     import matplotlib
     matplotlib.use("Agg")
@@ -91,7 +92,7 @@ def race(configs: dict[str, gpt.GPTConfig], speeds: dict[str, dict], tc: gpt.Tra
                               train_time_s=round(f["train_time"]))), flush=True)
         pts = [(h["time"], h["val_bpb"]) for h in res["history"] if "val_bpb" in h]
         ax.plot(*zip(*pts), "o-", label=f"{name} ({res['model'].num_params() / 1e6:.1f}M params)")
-    ax.set_xlabel("wall-clock seconds (training + periodic evaluation)")
+    ax.set_xlabel("wall-clock seconds (training + periodic evaluation)")  # equal *training* time
     ax.set_ylabel("val bits per byte")
     ax.set_title(f"equal compute budget ({budget:.0f} s each), {speeds[name]['device']}")
     ax.grid(alpha=0.3)
@@ -119,8 +120,9 @@ def main(argv: list[str]) -> None:
     speeds = {}
     for name, cfg in configs.items():
         speeds[name] = throughput(cfg, tc, opts["iters"], opts["warmup"])
-        print(json.dumps(dict(bench="train_throughput", config=name, attn_impl=cfg.attn_impl,
-                              batch_size=tc.batch_size, block_size=cfg.block_size, **speeds[name])), flush=True)
+        row = dict(bench="train_throughput", config=name, attn_impl=cfg.attn_impl, batch_size=tc.batch_size,
+                   block_size=cfg.block_size, **speeds[name])
+        print(json.dumps(row), flush=True)
     if opts["race"]:
         race({k: configs[k] for k in ("default", "nanogpt")}, speeds, tc, opts["race"])
 

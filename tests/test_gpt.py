@@ -506,13 +506,17 @@ def test_bad_model_configs(kw, msg):
         gpt.GPTConfig(**kw)
 
 
-def test_unknown_pluggable_parts():
+def test_unknown_pluggable_parts(monkeypatch, tmp_path):
+    # other test files import attention_flash / moe / muon, which register these names
+    monkeypatch.delitem(gpt.ATTENTION, "flash", raising=False)
+    monkeypatch.delitem(gpt.MLPS, "moe", raising=False)
+    monkeypatch.delitem(gpt.OPTIMIZERS, "muon", raising=False)
     with pytest.raises(ValueError, match="attention_flash"):
         gpt.GPT(tiny_config(attn_impl="flash"))
     with pytest.raises(ValueError, match="moe.py"):
         gpt.GPT(tiny_config(mlp="moe"))
     with pytest.raises(ValueError, match="muon"):
-        gpt.train(tiny_config(), tiny_train_config("unused", optimizer="muon"), verbose=False)
+        gpt.train(tiny_config(), tiny_train_config(tmp_path, optimizer="muon"), verbose=False)
 
 
 def test_missing_and_corrupt_checkpoints(tmp_path):
