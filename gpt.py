@@ -665,7 +665,7 @@ class Attention(nn.Module):
 class SwiGLU(nn.Module):
     """w2(silu(w1 x) * w3 x): a gated MLP (Shazeer 2020; Llama). w1 = gate, w3 = up, w2 = down."""
 
-    def __init__(self, cfg: GPTConfig):
+    def __init__(self, cfg: GPTConfig, layer: int = 0):
         super().__init__()
         self.w1 = nn.Linear(cfg.n_embd, cfg.hidden_size, bias=cfg.bias)
         self.w3 = nn.Linear(cfg.n_embd, cfg.hidden_size, bias=cfg.bias)
@@ -679,7 +679,7 @@ class SwiGLU(nn.Module):
 class GeluMLP(nn.Module):
     """w2(gelu(w1 x)): GPT-2's MLP (up to 4C, tanh-approximated GELU, back down)."""
 
-    def __init__(self, cfg: GPTConfig):
+    def __init__(self, cfg: GPTConfig, layer: int = 0):
         super().__init__()
         self.w1 = nn.Linear(cfg.n_embd, cfg.hidden_size, bias=cfg.bias)
         self.w2 = nn.Linear(cfg.hidden_size, cfg.n_embd, bias=cfg.bias)
@@ -689,10 +689,11 @@ class GeluMLP(nn.Module):
         return self.dropout(self.w2(F.gelu(self.w1(x), approximate="tanh")))
 
 
-# The MLP slot. A module built as MLPS[cfg.mlp](cfg) maps (B, T, C) -> (B, T, C). If it sets a tensor
+# The MLP slot. A module built as MLPS[cfg.mlp](cfg, layer) maps (B, T, C) -> (B, T, C); `layer` lets
+# a factory vary by depth (DeepSeek-V3 keeps its first layers dense). If it sets a tensor
 # attribute `aux_loss` during forward (an MoE balancing loss), GPT.forward adds it to the loss; if it
 # has a method `after_optimizer_step()`, the training loop calls it after every step.
-MLPS: dict[str, Callable[[GPTConfig], nn.Module]] = {"swiglu": SwiGLU, "gelu": GeluMLP}
+MLPS: dict[str, Callable[[GPTConfig, int], nn.Module]] = {"swiglu": SwiGLU, "gelu": GeluMLP}
 
 
 class Block(nn.Module):
@@ -706,7 +707,7 @@ class Block(nn.Module):
         self.attention_norm = make_norm(cfg, cfg.n_embd)
         self.attention = Attention(cfg, layer)
         self.ffn_norm = make_norm(cfg, cfg.n_embd)
-        self.feed_forward = MLPS[cfg.mlp](cfg)
+        self.feed_forward = MLPS[cfg.mlp](cfg, layer)
 
     def forward(self, x, rope, cache=None):
         x = x + self.attention(self.attention_norm(x), rope, cache)

@@ -365,25 +365,9 @@ class MoE(nn.Module):
         self.step_tokens = 0
 
 
-def _block_layer_index() -> Optional[int]:
-    """The layer index gpt.Block.__init__ is building, read from its frame.
-
-    gpt.Block builds MLPS[cfg.mlp](cfg) without passing its `layer`, and DeepSeek-V3 keeps the first
-    layers dense, so we look one or two frames up for Block.__init__ and read its argument. None
-    when the module is built outside a Block (then it is an MoE layer)."""
-    frame = sys._getframe(1)
-    for _ in range(4):
-        if frame is None:
-            break
-        if frame.f_code is gpt.Block.__init__.__code__:
-            return frame.f_locals["layer"]
-        frame = frame.f_back
-    return None
-
-
-def moe_ffn(cfg: MoEConfig) -> nn.Module:
-    """The MLPS["moe"] entry: the dense SwiGLU for the first n_dense_layers layers, else an MoE."""
-    layer = _block_layer_index()
+def moe_ffn(cfg: MoEConfig, layer: Optional[int] = None) -> nn.Module:
+    """The MLPS["moe"] entry (gpt.Block calls it with its layer index): the dense SwiGLU for the
+    first n_dense_layers layers (DeepSeek-V3 keeps its first 3 dense), an MoE after that."""
     if layer is not None and layer < cfg.n_dense_layers:
         return gpt.SwiGLU(cfg)  # width cfg.hidden_size, the dense model's MLP
     return MoE(cfg, layer)
