@@ -39,13 +39,11 @@ import multiprocessing
 import os
 import sys
 import time
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 import gpt
 
@@ -563,19 +561,13 @@ def plot(results: list[dict], bc: BenchConfig, path: Path) -> None:
 
 
 def parse_args(argv: list[str]) -> BenchConfig:
-    hints = typing.get_type_hints(BenchConfig)
-    kw = {}
-    for arg in argv:
-        key, _, text = arg.removeprefix("--").partition("=")
-        if not arg.startswith("--") or key not in hints:
-            raise ValueError(f"unknown option {arg!r}; options: " + " ".join(f"--{k}=" for k in hints))
-        typ = hints[key]
-        kw[key] = text.lower() in ("1", "true", "yes", "on") if typ is bool else typ(text)
-    return BenchConfig(**kw)
-
+    return gpt.config_from_args(BenchConfig, argv)
 
 def main(argv: list[str]) -> None:
-    bc = parse_args(argv)
+    try:
+        bc = parse_args(argv)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     torch.manual_seed(bc.seed)
     device = torch.device("cuda" if bc.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if bc.device == "auto" else bc.device))

@@ -44,7 +44,7 @@ import typing
 import urllib.error
 import urllib.request
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -1163,6 +1163,26 @@ def _parse_value(name: str, text: str, typ):
         raise ValueError(f"--{name}={text!r}: expected a {typ.__name__}") from None
 
 
+def _unknown_option(key: str, known: list[str]) -> ValueError:
+    close = difflib.get_close_matches(key, known, n=3)
+    hint = f"; did you mean {', '.join('--' + c for c in close)}?" if close else ""
+    return ValueError(f"unknown option --{key}{hint}")
+
+
+def config_from_args(cls, argv: list[str]):
+    """An instance of dataclass `cls` from `--key=value` flags: the demos of the other files use it."""
+    hints = typing.get_type_hints(cls)
+    kw = {}
+    for arg in argv:
+        if not arg.startswith("--"):
+            raise ValueError(f"unexpected argument {arg!r}: options look like --key=value")
+        key, _, text = arg[2:].partition("=")
+        if key not in hints:
+            raise _unknown_option(key, list(hints))
+        kw[key] = _parse_value(key, text, hints[key])
+    return cls(**kw)
+
+
 def parse_args(argv: list[str]) -> tuple[GPTConfig, TrainConfig, SampleConfig, bool]:
     """Parse `--key=value` overrides (and --preset=NAME, --sample) into the three configs."""
     kinds = {c: {f.name: typing.get_type_hints(c)[f.name] for f in dataclasses.fields(c)}
@@ -1183,10 +1203,7 @@ def parse_args(argv: list[str]) -> tuple[GPTConfig, TrainConfig, SampleConfig, b
             continue
         owner = next((c for c, f in kinds.items() if key in f), None)
         if owner is None:
-            known = [k for f in kinds.values() for k in f] + ["sample", "preset"]
-            close = difflib.get_close_matches(key, known, n=3)
-            hint = f"; did you mean {', '.join('--' + c for c in close)}?" if close else ""
-            raise ValueError(f"unknown option --{key}{hint}")
+            raise _unknown_option(key, [k for f in kinds.values() for k in f] + ["sample", "preset"])
         typ = kinds[owner][key]
         values[owner][key] = _parse_value(key, text, typ)
     model_kw = dict(PRESETS[preset])

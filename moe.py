@@ -40,7 +40,6 @@ import dataclasses
 import math
 import sys
 import time
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -580,14 +579,7 @@ def plot_demo(results: list[dict], path_load: Path, path_loss: Path, zero: Optio
 
 
 def parse_demo_args(argv: list[str]) -> DemoConfig:
-    hints = typing.get_type_hints(DemoConfig)
-    kw = {}
-    for arg in argv:
-        key, _, text = arg.lstrip("-").partition("=")
-        if not arg.startswith("--") or key not in hints:
-            raise ValueError(f"unknown option {arg!r}; options: " + ", ".join(f"--{k}" for k in hints))
-        kw[key] = gpt._parse_value(key, text, hints[key])
-    dc = DemoConfig(**kw)
+    dc = gpt.config_from_args(DemoConfig, argv)
     unknown = [v for v in dc.variants.split(",") if v not in VARIANTS]
     if unknown:
         raise ValueError(f"unknown variants {unknown}; known: {sorted(VARIANTS)}")

@@ -35,13 +35,11 @@ Express / other coefficient schedules, and learning-rate transfer across widths 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import os
 import sys
 import tempfile
 import time
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional
@@ -674,15 +672,7 @@ def demo(dc: DemoConfig) -> dict:
 
 
 def parse_demo_args(argv: list[str]) -> DemoConfig:
-    hints = typing.get_type_hints(DemoConfig)
-    kw = {}
-    for arg in argv:
-        key, eq, text = arg.removeprefix("--").partition("=")
-        if not arg.startswith("--") or not eq or key not in hints:
-            raise ValueError(f"bad option {arg!r}: expected --key=value with key in "
-                             f"{[f.name for f in dataclasses.fields(DemoConfig)]}")
-        kw[key] = gpt._parse_value(key, text, hints[key])
-    return DemoConfig(**kw)
+    return gpt.config_from_args(DemoConfig, argv)
 
 
 def train_main(argv: list[str]) -> None:

@@ -39,7 +39,6 @@ import math
 import struct
 import sys
 import time
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -803,15 +802,7 @@ def plot_ppl_vs_bits(rows: list[dict], base_ppl: float, path: Path) -> None:
 
 
 def parse_args(argv: list[str]) -> QuantConfig:
-    hints = typing.get_type_hints(QuantConfig)
-    kw = {}
-    for arg in argv:
-        key, eq, text = arg.removeprefix("--").partition("=")
-        if not arg.startswith("--") or not eq or key not in hints:
-            raise ValueError(f"bad option {arg!r}; options: " + " ".join(f"--{k}=" for k in hints))
-        kw[key] = gpt._parse_value(key, text, hints[key])
-    return QuantConfig(**kw)
-
+    return gpt.config_from_args(QuantConfig, argv)
 
 def main(argv: list[str]) -> None:
     try:
