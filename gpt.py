@@ -976,11 +976,13 @@ def read_checkpoint(path: Path | str, map_location="cpu") -> dict:
     return state
 
 
-def load_model(path: Path | str, device="cpu") -> tuple[GPT, tiktoken.Encoding, dict]:
-    """A trained model (eval mode), its tokenizer and the raw checkpoint, from a checkpoint file."""
+def load_model(path: Path | str, device="cpu", config_cls: type = GPTConfig
+               ) -> tuple[GPT, tiktoken.Encoding, dict]:
+    """A trained model (eval mode), its tokenizer and the raw checkpoint, from a checkpoint file.
+    `config_cls` is the config dataclass the model was trained with (moe.py passes MoEConfig)."""
     state = read_checkpoint(path, map_location=device)
     try:
-        cfg = GPTConfig(**state["model_config"])
+        cfg = config_cls(**state["model_config"])
     except (TypeError, ValueError) as e:
         raise RuntimeError(f"checkpoint {path} has an invalid model config ({e})") from e
     model = GPT(cfg).to(device)

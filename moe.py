@@ -391,12 +391,7 @@ def active_params(model: gpt.GPT) -> int:
 
 def load_model(path, device="cpu") -> tuple[gpt.GPT, object, dict]:
     """gpt.load_model for MoE checkpoints (their config has the MoE fields GPTConfig lacks)."""
-    state = gpt.read_checkpoint(path, map_location=device)
-    cfg = MoEConfig(**state["model_config"])
-    model = gpt.GPT(cfg).to(device)
-    model.load_state_dict(state["model"])
-    enc = gpt.tokenizer_from_ranks(state["tokenizer"]["kept_gpt2_ranks"])
-    return model.eval(), enc, state
+    return gpt.load_model(path, device, MoEConfig)
 
 
 # -----------------------------------------------------------------------------------------------
