@@ -333,12 +333,22 @@ def token_byte_lengths(enc: tiktoken.Encoding) -> np.ndarray:
 FULL_URL = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/TinyStoriesV2-GPT4-{}.txt"
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temp file and rename over `path`, so a crash never leaves half a file behind."""
+@contextlib.contextmanager
+def atomic_path(path: Path):
+    """Yield a temp path beside `path` to write to; rename it over `path` only when the block ends
+    without error, so a crash never leaves half a file behind (os.replace is atomic on POSIX)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def read_text(path: Path) -> str:
@@ -407,14 +417,12 @@ def load_tokens(split: str, enc: tiktoken.Encoding, data: str = "sample") -> np.
     cache = DATA_DIR / "cache" / f"{data}-{split}-{enc.name}-{h.hexdigest()[:16]}.u16"
     if not cache.exists():
         assert enc.n_vocab <= 65536, "uint16 token ids need a vocabulary of at most 65,536"
-        tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
-            for stories in iter_stories(path):
-                for ids in enc.encode_ordinary_batch(stories):
-                    ids.append(enc.eot_token)
-                    f.write(np.asarray(ids, dtype=np.uint16).tobytes())
-        os.replace(tmp, cache)
+        with atomic_path(cache) as tmp:
+            with open(tmp, "wb") as f:
+                for stories in iter_stories(path):
+                    for ids in enc.encode_ordinary_batch(stories):
+                        ids.append(enc.eot_token)
+                        f.write(np.asarray(ids, dtype=np.uint16).tobytes())
     if cache.stat().st_size % 2:
         raise RuntimeError(f"token cache {cache} is corrupt (odd size): delete it to re-tokenize")
     tokens = np.memmap(cache, dtype=np.uint16, mode="r")
@@ -954,10 +962,8 @@ def save_checkpoint(path: Path, model: GPT, optimizer, cfg: GPTConfig, tc: Train
         rng=dict(torch=torch.get_rng_state(), data=data_gen.get_state(),
                  cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []),
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one, never half
+    with atomic_path(path) as tmp:  # readers see the old checkpoint or the new one, never half
+        torch.save(state, tmp)
 
 
 def read_checkpoint(path: Path | str, map_location="cpu") -> dict:
