@@ -1191,10 +1191,13 @@ def config_from_args(cls, argv: list[str]):
     return cls(**kw)
 
 
-def parse_args(argv: list[str]) -> tuple[GPTConfig, TrainConfig, SampleConfig, bool]:
-    """Parse `--key=value` overrides (and --preset=NAME, --sample) into the three configs."""
+def parse_args(argv: list[str], config_cls: Optional[type] = None
+               ) -> tuple[GPTConfig, TrainConfig, SampleConfig, bool]:
+    """Parse `--key=value` overrides (and --preset=NAME, --sample) into the three configs.
+    `config_cls` is the model config (a GPTConfig subclass such as moe.MoEConfig; default GPTConfig)."""
+    config_cls = config_cls or GPTConfig
     kinds = {c: {f.name: typing.get_type_hints(c)[f.name] for f in dataclasses.fields(c)}
-             for c in (GPTConfig, TrainConfig, SampleConfig)}
+             for c in (config_cls, TrainConfig, SampleConfig)}
     values = {c: {} for c in kinds}
     sample, preset = False, "llama"
     for arg in argv:
@@ -1215,8 +1218,8 @@ def parse_args(argv: list[str]) -> tuple[GPTConfig, TrainConfig, SampleConfig, b
         typ = kinds[owner][key]
         values[owner][key] = _parse_value(key, text, typ)
     model_kw = dict(PRESETS[preset])
-    model_kw.update(values[GPTConfig])
-    cfg = GPTConfig(**model_kw)
+    model_kw.update(values[config_cls])
+    cfg = config_cls(**model_kw)
     return cfg, TrainConfig(**values[TrainConfig]), SampleConfig(**values[SampleConfig]), sample
 
 

@@ -26,8 +26,10 @@ References
   token toward K_e.
 
 Run it
-    python moe.py                          # dense vs MoE, the balancing variants, zero experts (~8 min)
+    python moe.py                          # dense vs MoE, the balancing variants, zero experts (~17 min)
     python moe.py --max_iters=100 --variants=dense,aux_free
+    python moe.py train --n_experts=32 --top_k=4 --max_iters=2000   # gpt.train on an MoE model
+    torchrun --standalone --nproc_per_node=2 moe.py train           # the same, data-parallel
 
 Not covered: expert parallelism (all-to-all between devices) and its communication overlap (LongCat's
 shortcut-connected MoE), device-limited routing, token-choice vs expert-choice routing, fused
@@ -38,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -292,7 +295,9 @@ class MoE(nn.Module):
         # 2. dispatch the real pairs, grouped by expert; Switch capacity per expert (section 2.2)
         capacity = math.ceil(cfg.capacity_factor * N * K / E) if cfg.capacity_factor else 0
         d = sort_by_expert(idx, E, capacity)
-        xs = xf[d["token"]]  # (M, C): gather each kept pair's token
+        # index_select, not xf[token]: its backward is index_add_, deterministic on CPU, whereas the
+        # backward of advanced indexing (index_put_ with accumulate) adds in a thread-dependent order
+        xs = xf.index_select(0, d["token"])  # (M, C): gather each kept pair's token
         ys = EXPERT_IMPLS[cfg.dispatch](xs, d["counts"], self.experts.w1, self.experts.w3, self.experts.w2)
         ys = ys * w.reshape(-1)[d["pair"]].to(ys.dtype)[:, None]  # (M, C): times the gate weight
         out = torch.zeros_like(xf).index_add_(0, d["token"], ys)  # (N, C): scatter-add back per token
@@ -400,9 +405,9 @@ def load_model(path, device="cpu") -> tuple[gpt.GPT, object, dict]:
 
 @dataclass
 class DemoConfig:
-    """`python moe.py --key=value`. Defaults: five 300-step runs of a 2-layer model, ~8 min on 2 cores."""
+    """`python moe.py --key=value`. Defaults: six 600-step runs of a 2-layer model, ~17 min on 2 cores."""
 
-    variants: str = "dense,none,aux,aux_free,zero"  # names from VARIANTS, in order
+    variants: str = "dense,none,aux,aux_free_paper,aux_free,zero"  # names from VARIANTS, in order
     n_layer: int = 2
     n_embd: int = 128  # C; the dense SwiGLU is 8C/3 -> 352 wide
     block_size: int = 128  # T
@@ -411,10 +416,15 @@ class DemoConfig:
     expert_hidden: int = 88
     n_zero_experts: int = 8  # the zero variant: Z identity experts, top_k + 1 picks, target top_k real
     score: str = "sigmoid"
-    bias_gamma: float = 1e-3  # DeepSeek-V3's value
+    routed_scaling: float = 3.0  # = top_k: the K normalised weights then sum to K, as the dense sum of
+    #   K experts would (DeepSeek-V3's 2.5 does the same job). At 1.0 the routed output is an average,
+    #   a third as large, and the experts learn a third as fast: val loss 3.76 vs dense 3.52 (measured)
+    bias_gamma: float = 3e-3  # aux-free bias speed; DeepSeek-V3's 1e-3 is the aux_free_paper variant.
+    #   Why faster here: the bias must outrun the router's own drift, and our router learns with
+    #   AdamW at lr 6e-3 (DeepSeek-V3: 2.2e-4, 27x slower) for 600 steps (theirs: ~10^5 steps).
     aux_alpha: float = 1e-2  # Switch's value
     dispatch: str = "grouped_mm"
-    max_iters: int = 300
+    max_iters: int = 600
     batch_size: int = 8
     lr: float = 6e-3
     seed: int = 1337
@@ -425,9 +435,11 @@ VARIANTS: dict[str, Optional[dict]] = {
     "dense": None,  # gpt.py's SwiGLU, the baseline at equal active parameters
     "none": dict(balance="none"),
     "aux": dict(balance="aux"),
-    "aux_free": dict(balance="aux_free"),  # + DeepSeek-V3's sequence-wise loss, alpha = 1e-4
-    # gamma = 1e-3 moves a bias by at most 0.3 in 300 steps (DeepSeek-V3 trains ~10^5 steps). Measured:
-    # 1e-2 balances better here but hurts val loss badly (5.09 vs 4.31), so it is not a default run.
+    "aux_free": dict(balance="aux_free"),  # gamma = --bias_gamma, + DeepSeek-V3's seq-wise loss (1e-4)
+    # gamma = 1e-3 moves a bias by at most 0.6 in 600 steps, too slow to catch up with this router
+    "aux_free_paper": dict(balance="aux_free", bias_gamma=1e-3),
+    # too fast: early on, when every token's hidden state looks alike, the whole batch flips between
+    # experts from one step to the next (measured at 300 steps: val loss 5.09 vs 4.31 at 1e-3)
     "aux_free_fast": dict(balance="aux_free", bias_gamma=1e-2),
     "aux_free_cap": dict(balance="aux_free", capacity_factor=1.25),  # Switch's token dropping
     "softmax_none": dict(balance="none", score="softmax"),
@@ -440,7 +452,8 @@ def variant_config(name: str, dc: DemoConfig) -> gpt.GPTConfig:
     if VARIANTS[name] is None:
         return gpt.GPTConfig(**base)
     kw = dict(base, n_experts=dc.n_experts, top_k=dc.top_k, expert_hidden=dc.expert_hidden, score=dc.score,
-              bias_gamma=dc.bias_gamma, aux_alpha=dc.aux_alpha, dispatch=dc.dispatch)
+              routed_scaling=dc.routed_scaling, bias_gamma=dc.bias_gamma, aux_alpha=dc.aux_alpha,
+              dispatch=dc.dispatch)
     kw.update(VARIANTS[name])
     if name == "zero":  # one more pick per token, steered to use top_k real experts on average
         kw.update(n_zero_experts=dc.n_zero_experts, top_k=dc.top_k + 1, target_real_experts=dc.top_k)
@@ -475,6 +488,35 @@ def bench_dispatch(dc: DemoConfig, reps: int = 20) -> list[tuple[str, float, flo
             layer(xr).square().mean().backward()
         out.append((name, (time.perf_counter() - t0) / reps * 1e3, err))
     return out
+
+
+def bench_step(dc: DemoConfig, names: tuple[str, ...] = ("dense", "aux_free", "zero"),
+               reps: int = 15) -> dict[str, float]:
+    """Median milliseconds of one whole training step (forward, backward, AdamW update, bias update)
+    on TinyStories windows, per variant. The variants take turns step by step, so a slow spell of a
+    shared machine hits them all alike instead of whichever happened to run then."""
+    enc, _ = gpt.build_tokenizer(gpt.GPTConfig().vocab_size)
+    tokens = gpt.load_tokens("train", enc)
+    tc = gpt.TrainConfig(lr=dc.lr)
+    runs = {}
+    for name in names:
+        torch.manual_seed(dc.seed)
+        model = gpt.GPT(variant_config(name, dc))
+        runs[name] = (model, gpt.make_adamw(model, tc), [])
+    gen = torch.Generator().manual_seed(dc.seed)
+    for rep in range(reps + 3):  # 3 warm-up rounds
+        off = torch.randint(0, len(tokens) - dc.block_size - 1, (dc.batch_size,), generator=gen)
+        x, y = gpt.get_batch(tokens, off, dc.block_size)
+        for model, opt, times in runs.values():
+            t0 = time.perf_counter()
+            model(x, y)[1].backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            for m in moe_layers(model):
+                m.after_optimizer_step()
+            if rep >= 3:
+                times.append(time.perf_counter() - t0)
+    return {name: 1e3 * float(np.median(times)) for name, (_, _, times) in runs.items()}
 
 
 def run_variant(name: str, dc: DemoConfig) -> dict:
@@ -593,25 +635,28 @@ def main(argv: list[str]) -> None:
     print("| layer | ms | max abs err vs loop |\n|---|---|---|")
     for name, ms, err in bench_dispatch(dc):
         print(f"| {name} | {ms:.2f} | {'' if math.isnan(err) else f'{err:.1e}'} |")
+    steps = bench_step(dc)
+    print("\n# one whole training step (fwd + bwd + AdamW), median of 15, variants interleaved")
+    print("| model | ms per step | / dense |\n|---|---|---|")
+    for name, ms in steps.items():
+        print(f"| {name} | {ms:.1f} | {ms / steps['dense']:.2f}x |")
     results = []
     for name in dc.variants.split(","):
         t0 = time.time()
         results.append(run_variant(name, dc))
         print(f"{name}: val loss {results[-1]['val_loss']:.4f} ({time.time() - t0:.0f} s)", flush=True)
-    dense = next((r for r in results if r["name"] == "dense"), None)
     print(f"\n# {dc.n_layer} layers, C={dc.n_embd}, T={dc.block_size}, batch {dc.batch_size}, "
           f"{dc.max_iters} steps; MoE: E={dc.n_experts}, top-{dc.top_k}, 1 shared, width {dc.expert_hidden}, "
           f"{dc.score} router")
     print("| variant | params | active | val loss | max/mean load, last 20% | per-step max/mean | "
-          "first 20% | tokens/s | step time / dense |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "first 20% | tokens/s |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in results:
         lt = f"{r['load_tail']:.3f}" if "load_tail" in r else "-"
         ls = f"{r['load_step']:.3f}" if "load_step" in r else "-"
         lf = f"{r['load_first']:.2f}" if "load_first" in r else "-"
-        ratio = f"{dense['tok_s'] / r['tok_s']:.2f}x" if dense else "-"
         print(f"| {r['name']} | {r['params'] / 1e6:.2f}M | {r['active'] / 1e6:.2f}M | {r['val_loss']:.4f} | "
-              f"{lt} | {ls} | {lf} | {r['tok_s']:.0f} | {ratio} |")
+              f"{lt} | {ls} | {lf} | {r['tok_s']:.0f} |")
     zero = None
     zr = next((r for r in results if r["name"] == "zero"), None)
     if zr:
@@ -634,5 +679,22 @@ def main(argv: list[str]) -> None:
     print("\nplots: assets/moe_load.png, assets/moe_loss.png")
 
 
+def train_main(argv: list[str]) -> None:
+    """`python moe.py train [MoEConfig / TrainConfig flags]`: gpt.train on an MoE model, e.g. under
+    torchrun (each rank routes its own micro-batch; the bias update all-reduces the loads)."""
+    try:
+        cfg, tc, _, _ = gpt.parse_args(argv, MoEConfig)
+        result = gpt.train(cfg, tc)
+    except (ValueError, OSError, RuntimeError, FloatingPointError) as e:
+        sys.exit(f"error: {e}")
+    if int(os.environ.get("RANK", "0")) == 0 and result["final"]:
+        print(f"final val loss {result['final']['val_loss']:.4f}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    if sys.argv[1:2] == ["train"]:
+        train_main(sys.argv[2:])
+    else:
+        main(sys.argv[1:])

@@ -4,6 +4,10 @@ experts, capacity dropping, dense layers, and a short TinyStories run."""
 import copy
 import dataclasses
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +16,8 @@ import torch.nn.functional as F
 import gpt
 import moe
 from conftest import tiny_config, tiny_train_config
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def layer_config(**kw) -> moe.MoEConfig:
@@ -368,3 +374,50 @@ def test_short_tinystories_run_lowers_val_loss(tmp_path):
     x = torch.randint(0, cfg.vocab_size, (2, 16))
     result["model"].eval()
     assert torch.equal(model(x)[0], result["model"](x)[0])
+
+
+def test_backward_is_bit_reproducible():
+    # The gather of each pair's token must be index_select (backward: index_add_, a fixed order), not
+    # xf[token] (backward: index_put_ with accumulate, whose CPU threads add in a varying order).
+    torch.manual_seed(0)
+    kw = {**dataclasses.asdict(tiny_config(n_embd=128, block_size=128)), "mlp": "moe"}
+    model = gpt.GPT(moe.MoEConfig(**kw, n_experts=16, top_k=3))
+    x = torch.randint(0, model.cfg.vocab_size, (8, 128))
+
+    def grads():
+        model.zero_grad(set_to_none=True)
+        model(x, x)[1].backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    first = grads()
+    for _ in range(3):
+        for (name, _), a, b in zip(model.named_parameters(), first, grads()):
+            assert torch.equal(a, b), name
+
+
+def test_ddp_two_processes_match_one(tmp_path):
+    # each rank routes its own 2 windows; the aux-free bias update all-reduces the loads, so the
+    # biases (buffers) and the weights must match one process on the same 4-window global batch
+    common = ["--n_layer=2", "--n_embd=64", "--n_head=4", "--block_size=64", "--max_iters=6",
+              "--warmup_iters=2", "--eval_interval=1000", "--log_interval=3", "--num_threads=1",
+              "--n_experts=8", "--top_k=2", "--bias_gamma=0.01"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "moe.py"), "train", *common, "--batch_size=2", f"--out_dir={tmp_path / 'ddp'}"]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "on 2 process(es)" in r.stdout
+    argv = common + ["--batch_size=4", f"--out_dir={tmp_path / 'one'}"]
+    cfg, tc, _, _ = gpt.parse_args(argv, moe.MoEConfig)
+    single = gpt.train(cfg, tc, verbose=False)
+    ddp = gpt.read_checkpoint(tmp_path / "ddp" / "ckpt.pt")["model"]
+    biases = [k for k in ddp if k.endswith("feed_forward.bias")]
+    assert len(biases) == 2 and all(ddp[k].abs().sum() > 0 for k in biases)
+    for name, p in single["model"].state_dict().items():
+        assert torch.allclose(p, ddp[name], atol=1e-5, rtol=1e-4), name
+
+
+def test_train_cli_rejects_bad_flags():
+    r = subprocess.run([sys.executable, str(ROOT / "moe.py"), "train", "--n_expert=4"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "did you mean --n_experts" in r.stderr
