@@ -1,0 +1,316 @@
+"""Tests for dpo.py: every loss against a hand computation from its paper's equation, gradient signs and
+beta limits, completion log-probs against a float64 per-sequence reference (prompt and padding masked),
+the sampler's distribution, the judge's gaming cases, and a short DPO run on TinyStories openings that
+raises the held-out preference margin."""
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+import dpo
+import gpt
+from conftest import tiny_config, tiny_train_config
+
+
+def softplus(x: float) -> float:  # -log sigmoid(-x) = log(1 + e^x), in plain Python floats
+    return math.log1p(math.exp(x))
+
+
+# One pair in plain numbers: summed log-probs of the policy and the reference, and lengths.
+PC, PR, RC, RR, NC, NR = -3.0, -5.0, -4.0, -4.5, 2.0, 4.0
+H = (PC - RC) - (PR - RR)  # log-ratio difference = 1.5 nats
+
+
+def t(x: float) -> torch.Tensor:
+    return torch.tensor([x], dtype=torch.float64, requires_grad=True)
+
+
+def orpo_by_hand(lam: float) -> float:
+    pc, pr = math.exp(PC / NC), math.exp(PR / NR)  # length-normalised probabilities
+    log_or = math.log(pc / (1 - pc)) - math.log(pr / (1 - pr))
+    return -PC / NC + lam * softplus(-log_or)
+
+
+# name -> (call on tensors (pc, pr, rc, rr, nc, nr), the value computed by hand from the equation)
+HAND = {
+    "dpo": (lambda *a: dpo.dpo_loss(*a[:4], beta=0.5), softplus(-0.5 * H)),  # eq. 7: -log sigma(beta h)
+    "cdpo": (lambda *a: dpo.dpo_loss(*a[:4], beta=0.5, label_smoothing=0.1),
+             0.9 * softplus(-0.75) + 0.1 * softplus(0.75)),
+    "ipo": (lambda *a: dpo.ipo_loss(*a[:4], tau=0.25), (H - 1 / (2 * 0.25)) ** 2),  # eq. 17: (1.5 - 2)^2
+    "hinge": (lambda *a: dpo.hinge_loss(*a[:4], beta=0.5), max(0.0, 1 - 0.5 * H)),  # 0.25
+    # beta (avg_c - avg_r) - gamma = 2 (-1.5 + 1.25) - 0.5 = -1
+    "simpo": (lambda *a: dpo.simpo_loss(a[0], a[1], a[4], a[5], beta=2.0, gamma=0.5), softplus(1.0)),
+    "orpo": (lambda *a: dpo.orpo_loss(a[0], a[1], a[4], a[5], lam=0.1), orpo_by_hand(0.1)),
+}
+
+
+# -----------------------------------------------------------------------------------------------
+# The losses
+
+
+@pytest.mark.parametrize("name", list(HAND))
+def test_loss_equals_hand_computation(name):
+    fn, expected = HAND[name]
+    losses, rc, rr = fn(t(PC), t(PR), t(RC), t(RR), torch.tensor([NC]), torch.tensor([NR]))
+    assert losses.shape == (1,)
+    assert losses.item() == pytest.approx(expected, rel=1e-12)
+    assert not rc.requires_grad and not rr.requires_grad  # rewards are detached, for logging only
+
+
+@pytest.mark.parametrize("name", list(HAND))
+def test_gradient_raises_chosen_and_lowers_rejected(name):
+    """Descending the loss moves log pi(y_c) up and log pi(y_r) down: d loss/d pc < 0 < d loss/d pr."""
+    fn, _ = HAND[name]
+    pc, pr = t(PC), t(PR)
+    fn(pc, pr, t(RC), t(RR), torch.tensor([NC]), torch.tensor([NR]))[0].sum().backward()
+    assert pc.grad.item() < 0 < pr.grad.item()
+
+
+@pytest.mark.parametrize("name, beta", [("dpo", 0.5), ("cdpo", 0.5), ("ipo", 0.25), ("hinge", 0.5)])
+def test_reference_rewards_are_beta_log_ratios(name, beta):
+    fn, _ = HAND[name]
+    _, rc, rr = fn(t(PC), t(PR), t(RC), t(RR), None, None)
+    assert rc.item() == pytest.approx(beta * (PC - RC)) and rr.item() == pytest.approx(beta * (PR - RR))
+
+
+def test_rewards_give_loss_via_bradley_terry():
+    """DPO's loss is exactly the Bradley-Terry NLL of its own implicit rewards (eq. 5 into eq. 7)."""
+    losses, rc, rr = dpo.dpo_loss(torch.randn(8), torch.randn(8), torch.randn(8), torch.randn(8), beta=0.3)
+    assert torch.allclose(losses, -torch.log(torch.sigmoid(rc - rr)), atol=1e-6)
+
+
+def test_dpo_beta_limits():
+    """beta -> 0: every pair costs log 2 (the policy's ratios stop mattering); beta -> infinity: a right
+    pair costs 0 and a wrong one beta |h| (a hard 0/1 classifier with a linear penalty)."""
+    pc, pr, rc, rr = (torch.tensor([x, -x], dtype=torch.float64) for x in (PC, PR, RC, RR))
+    small, _, _ = dpo.dpo_loss(pc, pr, rc, rr, beta=1e-9)
+    assert torch.allclose(small, torch.full((2,), math.log(2), dtype=torch.float64), atol=1e-8)
+    big, _, _ = dpo.dpo_loss(pc, pr, rc, rr, beta=1e4)
+    assert big[0] < 1e-12 and float(big[1]) == pytest.approx(1e4 * 1.5, rel=1e-9)
+
+
+def test_cdpo_gradient_vanishes_at_finite_margin():
+    """With label smoothing eps the optimum is beta h = log((1 - eps) / eps), not infinity."""
+    eps, beta = 0.1, 0.5
+    h_star = math.log((1 - eps) / eps) / beta
+    pc = t(h_star)
+    dpo.dpo_loss(pc, t(0.0), t(0.0), t(0.0), beta=beta, label_smoothing=eps)[0].sum().backward()
+    assert abs(pc.grad.item()) < 1e-12
+    a, b, c, d = torch.randn(4, 5)
+    half, _, _ = dpo.dpo_loss(a, b, c, d, 1.0, label_smoothing=0.5)
+    swapped, _, _ = dpo.dpo_loss(b, a, d, c, 1.0, label_smoothing=0.5)
+    assert torch.allclose(half, swapped)  # eps = 0.5: a label says nothing, chosen <-> rejected is free
+
+
+def test_ipo_target_and_hinge_margin():
+    """IPO's loss is 0 exactly at h = 1/(2 tau); the hinge gives no gradient once beta h >= 1."""
+    tau = 0.25
+    assert dpo.ipo_loss(t(1 / (2 * tau)), t(0.0), t(0.0), t(0.0), tau)[0].item() == 0.0
+    pc = t(2.0 / 0.5)  # beta h = 2 > 1
+    dpo.hinge_loss(pc, t(0.0), t(0.0), t(0.0), beta=0.5)[0].sum().backward()
+    assert pc.grad.item() == 0.0
+
+
+def test_simpo_is_length_normalised():
+    """Doubling a completion's length with the same per-token log-prob leaves SimPO's loss unchanged."""
+    a, _, _ = dpo.simpo_loss(torch.tensor([-3.0]), torch.tensor([-5.0]), torch.tensor([2.0]),
+                             torch.tensor([4.0]), 2.0, 0.5)
+    b, _, _ = dpo.simpo_loss(torch.tensor([-6.0]), torch.tensor([-5.0]), torch.tensor([4.0]),
+                             torch.tensor([4.0]), 2.0, 0.5)
+    assert torch.allclose(a, b)
+
+
+@pytest.mark.parametrize("name", list(dpo.LOSSES))
+def test_dispatch_table_uses_the_config(name):
+    """dpo.LOSSES[name](batch, config) is the pure function with the config's hyperparameters."""
+    cfg = dpo.DPOConfig(beta=0.5, label_smoothing=0.1, simpo_beta=2.0, simpo_gamma=0.5, orpo_lambda=0.1)
+    batch = dict(pc=t(PC), pr=t(PR), rc=t(RC), rr=t(RR), nc=torch.tensor([NC]), nr=torch.tensor([NR]))
+    expected = {"ipo": (H - 1 / (2 * 0.5)) ** 2}.get(name, HAND[name][1])  # IPO's tau is cfg.beta = 0.5
+    assert dpo.LOSSES[name](batch, cfg)[0].item() == pytest.approx(expected, rel=1e-12)
+
+
+# -----------------------------------------------------------------------------------------------
+# Completion log-probs: masking, padding, one batched forward
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    torch.manual_seed(0)
+    return gpt.GPT(tiny_config(vocab_size=300)).eval()
+
+
+def test_completion_logps_match_reference(tiny_model):
+    """Ragged prompts and completions, right-padded in one batch, against a float64 per-sequence sum."""
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 299, (n,), generator=g).tolist() for n in (3, 7, 1, 5)]
+    comps = [torch.randint(0, 299, (n,), generator=g).tolist() for n in (6, 2, 9, 4)]
+    tokens, mask, lengths = dpo.pack(prompts, comps, pad=299)
+    with torch.no_grad():
+        fast = dpo.completion_logps(tiny_model, tokens, mask)
+    ref = [dpo.completion_logps_reference(tiny_model, p, c) for p, c in zip(prompts, comps)]
+    assert torch.allclose(fast.double(), torch.tensor(ref, dtype=torch.float64), atol=1e-4)
+    assert lengths.tolist() == [6, 2, 9, 4]
+
+
+def test_prompt_and_padding_do_not_contribute():
+    """The gradient of the summed log-probs reaches the logits of completion positions only."""
+    prompts, comps = [[1, 2, 3], [4]], [[5, 6], [7, 8, 9, 10]]
+    tokens, mask, _ = dpo.pack(prompts, comps, pad=0)  # (2, 5)
+    logits = torch.randn(2, tokens.shape[1] - 1, 16, requires_grad=True)
+    dpo.completion_logps(lambda x: (logits, None), tokens, mask).sum().backward()
+    touched = logits.grad.abs().sum(-1) > 0  # (2, T-1): which positions' predictions count
+    # row 0: predictions at positions 2, 3 (targets 5, 6); row 1: positions 0..3 (targets 7..10)
+    assert touched.tolist() == [[False, False, True, True], [True, True, True, True]]
+    assert mask.tolist() == touched.float().tolist()
+
+
+def test_token_kl_zero_for_same_model_and_positive_otherwise(tiny_model):
+    tokens, mask, _ = dpo.pack([[1, 2, 3]] * 2, [[4, 5, 6], [7, 8]], pad=0)
+    assert dpo.token_kl(tiny_model, tiny_model, tokens, mask) == pytest.approx(0.0, abs=1e-6)
+    other = gpt.GPT(tiny_model.cfg).eval()
+    assert dpo.token_kl(other, tiny_model, tokens, mask) > 1e-4
+
+
+# -----------------------------------------------------------------------------------------------
+# Sampling
+
+
+def test_story_openings_are_story_starts(tokenizer, val_tokens):
+    enc = tokenizer[0]
+    opens = dpo.story_openings(val_tokens, enc.eot_token, 20, 16, seed=0)
+    assert len(opens) == 20 and all(len(o) == 16 and enc.eot_token not in o for o in opens)
+    assert len({tuple(o) for o in opens}) == 20
+    text = enc.decode(val_tokens[:200000].tolist())
+    assert all(enc.decode(o) in text for o in opens)
+
+
+def test_sample_token_follows_softmax():
+    logits = torch.tensor([[2.0, 0.0, -1.0, 1.0, -50.0]]).repeat(40000, 1)
+    for temperature in (1.0, 0.5):
+        draws = dpo.sample_token(logits, temperature, torch.Generator().manual_seed(0))
+        freq = torch.bincount(draws, minlength=5).double() / len(draws)
+        p = torch.softmax(logits[0].double() / temperature, -1)
+        assert torch.allclose(freq, p, atol=0.01)  # 4 sigma of a binomial at n = 40000 is < 0.01
+        assert freq[4] == 0.0
+
+
+def test_sample_completions_shapes_and_eot(tiny_model):
+    eot = 299
+    out = dpo.sample_completions(tiny_model, [[1, 2, 3], [4, 5, 6]], 3, 12, 1.0, eot,
+                                 torch.Generator().manual_seed(0), max_rows=4)  # 6 rows in 2 chunks
+    assert len(out) == 2 and all(len(g) == 3 for g in out)
+    for group in out:
+        for ids, ended in group:
+            assert eot not in ids and (ended or len(ids) == 12)
+
+
+# -----------------------------------------------------------------------------------------------
+# The judge: degenerate text must lose to a fluent happy ending
+
+
+HAPPY_STORY = ("Tom and his dog went to the park to find the red ball. They looked under the big tree and "
+               "behind the slide. The ball was in the pond, so Tom asked his dad for help. Dad got the ball "
+               "out with a long stick. Tom smiled and hugged his dad. They played together and were very "
+               "happy.")
+SAD_STORY = HAPPY_STORY.replace("Tom smiled and hugged his dad. They played together and were very happy.",
+                                "The ball was broken. Tom cried and felt sad and alone all day.")
+
+
+def test_judge_prefers_happy_ending():
+    assert dpo.is_happy(HAPPY_STORY)
+    assert dpo.judge(HAPPY_STORY) > 0 > dpo.judge(SAD_STORY) > dpo.FAIL
+
+
+GAMING = {
+    "repetition": "They were very happy and had fun. " * 12,
+    "too short": "They played together and were very happy.",
+    "unterminated": HAPPY_STORY[:-1] + " and",
+    "stuffing": HAPPY_STORY[:-1] + " happy glad fun love smile joy best.",
+    "babble": "happy " * 40 + "friends.",
+    "no ending": HAPPY_STORY,  # fine text, but the sampler never produced <|endoftext|>
+}
+
+
+@pytest.mark.parametrize("case", list(GAMING))
+def test_judge_gaming_cases_lose(case):
+    ended = case != "no ending"
+    assert dpo.judge(GAMING[case], ended) == dpo.FAIL
+    assert dpo.judge(GAMING[case], ended) < dpo.judge(SAD_STORY) < dpo.judge(HAPPY_STORY)
+
+
+def test_judge_negation_and_counting_once():
+    base = HAPPY_STORY.replace("They played together and were very happy.", "They were not happy.")
+    assert dpo.ending_sentiment(base)[0] < dpo.ending_sentiment(HAPPY_STORY)[0]
+    twice = HAPPY_STORY.replace("very happy.", "very happy and happy.")
+    assert dpo.ending_sentiment(twice)[0] == dpo.ending_sentiment(HAPPY_STORY)[0]
+
+
+def test_judge_passes_real_stories(tokenizer, val_tokens):
+    """Not too strict: real TinyStories (val split) nearly all pass the fluency gates."""
+    enc = tokenizer[0]
+    stories = [s for s in enc.decode(val_tokens[:60000].tolist()).split(gpt.EOT) if s.strip()][:150]
+    ok = [dpo.fluency(s.strip())["ok"] for s in stories]
+    assert sum(ok) / len(ok) > 0.9
+
+
+def test_make_pairs_best_vs_worst_and_skips_ties(tokenizer):
+    enc = tokenizer[0]
+    e = enc.encode_ordinary
+    groups = [[(e(" " + SAD_STORY), True), (e(" " + HAPPY_STORY), True), (e(" and then"), False)],
+              [(e(" " + HAPPY_STORY), True), (e(" " + HAPPY_STORY), True)],  # a tie: skipped
+              [(e(" " + HAPPY_STORY), True), (e(" and then"), False)]]  # one finished: skipped
+    pairs = dpo.make_pairs([[1], [2], [3]], groups, enc)
+    assert len(pairs) == 1
+    assert pairs[0]["chosen"] == e(" " + HAPPY_STORY) + [enc.eot_token]
+    assert pairs[0]["rejected"] == e(" " + SAD_STORY) + [enc.eot_token]  # never the unfinished one
+
+
+# -----------------------------------------------------------------------------------------------
+# A short DPO run on TinyStories
+
+
+ENDINGS = {"chosen": [" They played together and were very happy.", " She smiled and hugged her mom."],
+           "rejected": [" He was sad and cried all day.", " They were scared and lost."]}
+
+
+def ending_pairs(tokens, enc, n: int, seed: int) -> list[dict]:
+    """Prompt: a story opening (32 tokens); both answers continue it with its next 16 tokens, then the
+    chosen ends happily and the rejected sadly (the judge agrees), then <|endoftext|>."""
+    opens = dpo.story_openings(tokens, enc.eot_token, n, 48, seed)
+    g = torch.Generator().manual_seed(seed)
+    pairs = []
+    for o in opens:
+        i, j = torch.randint(0, 2, (2,), generator=g).tolist()
+        c = o[32:] + enc.encode_ordinary(ENDINGS["chosen"][i]) + [enc.eot_token]
+        r = o[32:] + enc.encode_ordinary(ENDINGS["rejected"][j]) + [enc.eot_token]
+        pairs.append(dict(prompt=o[:32], chosen=c, rejected=r))
+    return pairs
+
+
+def test_short_dpo_run_raises_heldout_margin(tmp_path, tokenizer, train_tokens, val_tokens):
+    """Train a tiny model on TinyStories for a few steps, then DPO on train-split pairs: the implicit
+    reward margin and accuracy on pairs from *val-split* prompts go up, and the val loss barely moves."""
+    enc = tokenizer[0]
+    cfg = tiny_config(block_size=128)
+    tc = tiny_train_config(tmp_path, max_iters=41, stop_at=40)  # skip the closing whole-split eval
+    ref = gpt.train(cfg, tc, verbose=False)["model"].eval()
+    policy = gpt.GPT(cfg)
+    policy.load_state_dict(ref.state_dict())
+    train_pairs = ending_pairs(train_tokens, enc, 64, seed=0)
+    held = ending_pairs(val_tokens, enc, 32, seed=1)
+    dc = dataclasses.replace(dpo.DPOConfig(), lr=1e-3, epochs=2, batch_pairs=16, warmup_steps=2)
+    eot = enc.eot_token
+    ref_held = dpo.pair_logps(ref, held, eot)
+    before = dpo.preference_stats("dpo", dpo.pair_logps(policy, held, eot), ref_held, dc)
+    assert before["margin"] == 0.0  # policy == reference: every implicit reward is 0
+    history = dpo.train_preference("dpo", policy, train_pairs, dpo.pair_logps(ref, train_pairs, eot), dc, eot,
+                                   log=lambda *a: None)
+    after = dpo.preference_stats("dpo", dpo.pair_logps(policy, held, eot), ref_held, dc)
+    assert history[-1]["loss"] < history[0]["loss"]
+    assert after["margin"] > 0.5 and after["acc"] >= 0.9, after
+    lengths = gpt.token_byte_lengths(enc)
+    v0 = gpt.evaluate(ref, val_tokens, lengths, 128, 8, 8192)["loss"]
+    v1 = gpt.evaluate(policy, val_tokens, lengths, 128, 8, 8192)["loss"]
+    assert v1 < v0 * 1.05
