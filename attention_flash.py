@@ -339,7 +339,9 @@ class FlashAttentionFunction(torch.autograd.Function):
 #     flash_attn_bwd(do, q, k, v, o, lse, sinks, causal, window) -> (dq, dk, dv, dsinks)
 # with q (B, nh, Tq, hs), k/v (B, nkv, Tk, hs) contiguous, sinks (nh,) float32 or None, the same
 # masking conventions as above, and dsinks None when sinks is None. It has no soft-cap: soft-capped
-# calls take the PyTorch path.
+# calls take the PyTorch path, and so do fp32 inputs and head sizes other than 64 and 128 (the
+# kernel's tensor-core tiles are 16-bit and its shared-memory layout is sized for those two).
+# The kernel's lse is its own (B, nh, Tq) fp32 tensor, passed back to flash_attn_bwd untouched.
 
 try:
     import llm_kernels  # type: ignore[import-not-found]
@@ -389,11 +391,15 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
         raise ValueError(f"sinks must have shape ({nh},), got {tuple(sinks.shape)}")
     if block_q < 1 or block_k < 1 or window < 0 or soft_cap < 0:
         raise ValueError("block sizes must be >= 1, window and soft_cap >= 0")
-    if q.is_cuda and use_cuda_kernel and llm_kernels is not None and not soft_cap:
+    kernel_ok = (q.dtype in (torch.float16, torch.bfloat16) and k.dtype == v.dtype == q.dtype
+                 and hs in (64, 128))
+    if q.is_cuda and use_cuda_kernel and llm_kernels is not None and not soft_cap and kernel_ok:
         _announce("CUDA kernel (llm_kernels.flash_attn_fwd / flash_attn_bwd)")
         return _CudaFlashAttention.apply(q, k, v, sinks, causal, window)
     why = "no CUDA tensors" if not q.is_cuda else (
-        "llm_kernels not built" if llm_kernels is None else "soft-cap or CUDA kernel disabled")
+        "llm_kernels not built" if llm_kernels is None else
+        "the kernel takes fp16/bf16 and hs 64 or 128 only" if not kernel_ok else
+        "soft-cap or CUDA kernel disabled")
     _announce(f"PyTorch path ({why})")
     return FlashAttentionFunction.apply(q, k, v, sinks, causal, window, soft_cap, block_q, block_k)
 
@@ -590,8 +596,8 @@ def main(argv: list[str]) -> None:
                   f"extra memory fwd {r['mem_fwd'] / 2**20:8.1f} MiB, "
                   f"fwd+bwd {r['mem_fwdbwd'] / 2**20:8.1f} MiB",
                   flush=True)
-    print(f"\n| T | kernel | fwd ms | fwd+bwd ms | fwd+bwd / sdpa | extra MiB fwd | extra MiB fwd+bwd | "
-          f"mem / naive |\n|---|---|---|---|---|---|---|---|")
+    print("\n| T | kernel | fwd ms | fwd+bwd ms | fwd+bwd / sdpa | extra MiB fwd | extra MiB fwd+bwd | "
+          "mem / naive |\n|---|---|---|---|---|---|---|---|")
     for r in results:
         by = {x["impl"]: x for x in results if x["T"] == r["T"]}
         ratio_t = f"{r['ms_fwdbwd'] / by['sdpa']['ms_fwdbwd']:.2f}x" if "sdpa" in by else "-"

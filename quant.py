@@ -459,9 +459,12 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # ---- CUDA DISPATCH POINT: a fused dequantize-matmul kernel from kernels.cu, when built. ----
         # Expected signature: llm_kernels.quant_linear(x, scheme, *packed buffers in self.names order).
-        if x.is_cuda and llm_kernels is not None and hasattr(llm_kernels, "quant_linear"):
+        # It covers int8, int4_g<G> and awq_g<G> (llm_kernels.QUANT_SCHEMES) for fp16/bf16 x.
+        if (x.is_cuda and llm_kernels is not None and self.scheme in getattr(llm_kernels, "QUANT_SCHEMES", ())
+                and x.dtype in (torch.float16, torch.bfloat16)):
+            x = x.contiguous()
             y = llm_kernels.quant_linear(x, self.scheme, *[getattr(self, k) for k in self.names])
-            return y if self.bias is None else y + self.bias
+            return y if self.bias is None else y + self.bias.to(y.dtype)
         # ---- PyTorch path: dequantize on the fly, then an ordinary matmul. ----
         if self.scheme == "fp8":  # DeepSeek-V3 quantizes activations too, per 1x128 tile
             x = fake_quant_fp8_activation(x)
