@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import dpo
 import gpt
@@ -287,6 +288,19 @@ def ending_pairs(tokens, enc, n: int, seed: int) -> list[dict]:
         r = o[32:] + enc.encode_ordinary(ENDINGS["rejected"][j]) + [enc.eot_token]
         pairs.append(dict(prompt=o[:32], chosen=c, rejected=r))
     return pairs
+
+
+def test_preference_stats_accuracy_margin_and_length_split():
+    """Rewards beta * (policy - reference) log-probs: pairs 0-2 ranked right, pair 3 wrong; the chosen
+    answer is the longer one in pairs 0 and 3."""
+    cfg = dpo.DPOConfig(beta=0.1)
+    logps = dict(pc=torch.tensor([0.0, 0.0, 0.0, -5.0]), pr=torch.tensor([-1.0, -1.0, -1.0, 0.0]),
+                 nc=torch.tensor([10, 3, 3, 12]), nr=torch.tensor([5, 8, 8, 4]))
+    ref = dict(pc=torch.zeros(4), pr=torch.zeros(4))
+    s = dpo.preference_stats("dpo", logps, ref, cfg)
+    assert s["acc"] == 0.75 and s["acc_chosen_longer"] == 0.5 and s["acc_chosen_shorter"] == 1.0
+    assert s["margin"] == pytest.approx(0.1 * (1 + 1 + 1 - 5) / 4)
+    assert s["loss"] == pytest.approx(float(-F.logsigmoid(0.1 * torch.tensor([1.0, 1, 1, -5])).mean()))
 
 
 def test_short_dpo_run_raises_heldout_margin(tmp_path, tokenizer, train_tokens, val_tokens):
