@@ -605,7 +605,7 @@ def main(argv: list[str]) -> dict:
 
     print(f"\n{len(train_pairs)} train pairs, {len(heldout_pairs)} held-out pairs; win-rate on "
           f"{len(eval_prompts)} held-out prompts x {cfg.eval_samples} fresh samples\n")
-    longer = sum(len(p["chosen"]) > len(p["rejected"]) for p in heldout_pairs)
+    longer = int((ref_held["nc"] > ref_held["nr"]).sum())  # the split preference_stats makes
     print(f"held-out reward acc: all pairs (the {longer} where chosen is longer / the "
           f"{len(heldout_pairs) - longer} where it is not)\n")
     print("| method | win-rate | fluent | held-out reward acc | held-out margin | KL/token | "
