@@ -167,6 +167,25 @@ def test_prompt_and_padding_do_not_contribute():
     assert mask.tolist() == touched.float().tolist()
 
 
+def test_group_batch_scores_every_pair_like_separate_pairs(tiny_model):
+    """One forward over a group's answers, indexed per pair, equals the pairs run one by one."""
+    g = torch.Generator().manual_seed(2)
+    groups = [dict(prompt=torch.randint(0, 299, (4,), generator=g).tolist(),
+                   completions=[torch.randint(0, 299, (n,), generator=g).tolist() for n in lens], pairs=pairs)
+              for lens, pairs in (((5, 3, 7), [(0, 1), (0, 2), (2, 1)]), ((2, 6), [(1, 0)]))]
+    tokens, mask, n, c, r = dpo.group_batch(groups, pad=299)
+    assert tokens.shape[0] == 5 and c.tolist() == [0, 0, 2, 4] and r.tolist() == [1, 2, 1, 3]
+    with torch.no_grad():
+        lp = dpo.completion_logps(tiny_model, tokens, mask)
+    pairs = [dict(prompt=gr["prompt"], chosen=gr["completions"][i], rejected=gr["completions"][j])
+             for gr in groups for i, j in gr["pairs"]]
+    one_by_one = dpo.pair_logps(tiny_model, pairs, pad=299, batch=1)
+    assert torch.allclose(lp[c], one_by_one["pc"], atol=1e-5) and torch.allclose(lp[r], one_by_one["pr"], atol=1e-5)
+    assert n[c].tolist() == one_by_one["nc"].tolist() and n[r].tolist() == one_by_one["nr"].tolist()
+    ref = dpo.group_logps(tiny_model, groups, pad=299, batch=1)  # per group, unbatched
+    assert torch.allclose(torch.cat(ref), lp, atol=1e-5)
+
+
 def test_token_kl_zero_for_same_model_and_positive_otherwise(tiny_model):
     tokens, mask, _ = dpo.pack([[1, 2, 3]] * 2, [[4, 5, 6], [7, 8]], pad=0)
     assert dpo.token_kl(tiny_model, tiny_model, tokens, mask) == pytest.approx(0.0, abs=1e-6)
@@ -268,6 +287,25 @@ def test_make_pairs_best_vs_worst_and_skips_ties(tokenizer):
     assert pairs[0]["rejected"] == e(" " + SAD_STORY) + [enc.eot_token]  # never the unfinished one
 
 
+def test_make_groups_pairs_every_happy_with_every_unhappy_finished_answer(tokenizer):
+    enc = tokenizer[0]
+    e = enc.encode_ordinary
+    happy, sad, cut = e(" " + HAPPY_STORY), e(" " + SAD_STORY), e(" and then")
+    samples = [[(sad, True), (happy, True), (cut, False), (happy, True), (sad, True), (sad, True)],
+               [(happy, True), (happy, True)],  # no unhappy answer: no pair
+               [(happy, True), (sad, False)]]  # the unhappy one is unfinished: no pair
+    groups = dpo.make_groups([[1], [2], [3]], samples, enc, "all")
+    assert len(groups) == 1 and groups[0]["prompt"] == [1]
+    comps = groups[0]["completions"]  # the finished answers, in order, each closed by <|endoftext|>
+    assert comps == [x + [enc.eot_token] for x in (sad, happy, happy, sad, sad)]
+    assert sorted(groups[0]["pairs"]) == [(1, 0), (1, 3), (1, 4), (2, 0), (2, 3), (2, 4)]  # 2 x 3
+    best_worst = dpo.make_groups([[1], [2], [3]], samples, enc)  # the default: make_pairs' one pair
+    pair = dpo.make_pairs([[1], [2], [3]], samples, enc)[0]
+    assert [(g["completions"], g["pairs"]) for g in best_worst] == [([pair["chosen"], pair["rejected"]], [(0, 1)])]
+    with pytest.raises(ValueError, match="best_worst"):
+        dpo.make_groups([[1]], samples[:1], enc, "everything")
+
+
 # -----------------------------------------------------------------------------------------------
 # A short DPO run on TinyStories
 
@@ -312,14 +350,15 @@ def test_short_dpo_run_raises_heldout_margin(tmp_path, tokenizer, train_tokens, 
     ref = gpt.train(cfg, tc, verbose=False)["model"].eval()
     policy = gpt.GPT(cfg)
     policy.load_state_dict(ref.state_dict())
-    train_pairs = ending_pairs(train_tokens, enc, 64, seed=0)
+    train = [dict(prompt=p["prompt"], completions=[p["chosen"], p["rejected"]], pairs=[(0, 1)])
+             for p in ending_pairs(train_tokens, enc, 64, seed=0)]  # one pair per group
     held = ending_pairs(val_tokens, enc, 32, seed=1)
-    dc = dataclasses.replace(dpo.DPOConfig(), lr=1e-3, epochs=2, batch_pairs=16, warmup_steps=2)
+    dc = dataclasses.replace(dpo.DPOConfig(), lr=1e-3, epochs=2, batch_prompts=16, warmup_steps=2)
     eot = enc.eot_token
     ref_held = dpo.pair_logps(ref, held, eot)
     before = dpo.preference_stats("dpo", dpo.pair_logps(policy, held, eot), ref_held, dc)
     assert before["margin"] == 0.0  # policy == reference: every implicit reward is 0
-    history = dpo.train_preference("dpo", policy, train_pairs, dpo.pair_logps(ref, train_pairs, eot), dc, eot,
+    history = dpo.train_preference("dpo", policy, train, dpo.group_logps(ref, train, eot), dc, eot,
                                    log=lambda *a: None)
     after = dpo.preference_stats("dpo", dpo.pair_logps(policy, held, eot), ref_held, dc)
     assert history[-1]["loss"] < history[0]["loss"]
