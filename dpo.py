@@ -383,6 +383,11 @@ def make_pairs(prompts: list[list[int]], samples: list[list[tuple[list[int], boo
 PAIR_MODES = ("best_worst", "all")
 
 
+def pairs_as_groups(pairs: list[dict]) -> list[dict]:
+    """{prompt, chosen, rejected} pairs as groups of two answers with the one pair (0 beats 1)."""
+    return [dict(prompt=p["prompt"], completions=[p["chosen"], p["rejected"]], pairs=[(0, 1)]) for p in pairs]
+
+
 def make_groups(prompts: list[list[int]], samples: list[list[tuple[list[int], bool]]], enc,
                 mode: str = "best_worst") -> list[dict]:
     """Training data, one group per opening: its answers and the pairs (chosen i, rejected j) among them.
@@ -404,8 +409,7 @@ def make_groups(prompts: list[list[int]], samples: list[list[tuple[list[int], bo
 
     Returns [{prompt, completions (each ending with <|endoftext|>), pairs [(chosen i, rejected j)]}]."""
     if mode == "best_worst":
-        return [dict(prompt=p["prompt"], completions=[p["chosen"], p["rejected"]], pairs=[(0, 1)])
-                for p in make_pairs(prompts, samples, enc)]
+        return pairs_as_groups(make_pairs(prompts, samples, enc))
     if mode != "all":
         raise ValueError(f"pairs={mode!r}: use one of {PAIR_MODES}")
     groups = []

@@ -350,8 +350,7 @@ def test_short_dpo_run_raises_heldout_margin(tmp_path, tokenizer, train_tokens, 
     ref = gpt.train(cfg, tc, verbose=False)["model"].eval()
     policy = gpt.GPT(cfg)
     policy.load_state_dict(ref.state_dict())
-    train = [dict(prompt=p["prompt"], completions=[p["chosen"], p["rejected"]], pairs=[(0, 1)])
-             for p in ending_pairs(train_tokens, enc, 64, seed=0)]  # one pair per group
+    train = dpo.pairs_as_groups(ending_pairs(train_tokens, enc, 64, seed=0))  # one pair per group
     held = ending_pairs(val_tokens, enc, 32, seed=1)
     dc = dataclasses.replace(dpo.DPOConfig(), lr=1e-3, epochs=2, batch_prompts=16, warmup_steps=2)
     eot = enc.eot_token
