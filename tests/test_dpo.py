@@ -341,28 +341,72 @@ def test_preference_stats_accuracy_margin_and_length_split():
     assert s["loss"] == pytest.approx(float(-F.logsigmoid(0.1 * torch.tensor([1.0, 1, 1, -5])).mean()))
 
 
-def test_short_dpo_run_raises_heldout_margin(tmp_path, tokenizer, train_tokens, val_tokens):
-    """Train a tiny model on TinyStories for a few steps, then DPO on train-split pairs: the implicit
-    reward margin and accuracy on pairs from *val-split* prompts go up, and the val loss barely moves."""
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory, tokenizer, train_tokens, val_tokens):
+    """A tiny model trained on TinyStories for a few steps (the reference), training groups from
+    train-split openings, held-out pairs from val-split ones, and the DPO settings of the short runs."""
     enc = tokenizer[0]
     cfg = tiny_config(block_size=128)
-    tc = tiny_train_config(tmp_path, max_iters=41, stop_at=40)  # skip the closing whole-split eval
+    tc = tiny_train_config(tmp_path_factory.mktemp("ref"), max_iters=41, stop_at=40)  # no closing eval
     ref = gpt.train(cfg, tc, verbose=False)["model"].eval()
-    policy = gpt.GPT(cfg)
-    policy.load_state_dict(ref.state_dict())
     train = dpo.pairs_as_groups(ending_pairs(train_tokens, enc, 64, seed=0))  # one pair per group
     held = ending_pairs(val_tokens, enc, 32, seed=1)
     dc = dataclasses.replace(dpo.DPOConfig(), lr=1e-3, epochs=2, batch_prompts=16, warmup_steps=2)
     eot = enc.eot_token
-    ref_held = dpo.pair_logps(ref, held, eot)
-    before = dpo.preference_stats("dpo", dpo.pair_logps(policy, held, eot), ref_held, dc)
+    return dict(ref=ref, train=train, held=held, dc=dc, eot=eot, ref_train=dpo.group_logps(ref, train, eot),
+                ref_held=dpo.pair_logps(ref, held, eot), lengths=gpt.token_byte_lengths(enc))
+
+
+def tune(run: dict, dc: dpo.DPOConfig, **kw) -> tuple[gpt.GPT, list[dict]]:
+    policy = gpt.GPT(run["ref"].cfg)
+    policy.load_state_dict(run["ref"].state_dict())
+    history = dpo.train_preference("dpo", policy, run["train"], run["ref_train"], dc, run["eot"],
+                                   log=lambda *a: None, **kw)
+    return policy, history
+
+
+def test_short_dpo_run_raises_heldout_margin(short_run, val_tokens):
+    """DPO on train-split pairs: the implicit reward margin and accuracy on pairs from *val-split*
+    prompts go up, and the val loss barely moves."""
+    r, dc = short_run, short_run["dc"]
+    before = dpo.preference_stats("dpo", dpo.pair_logps(r["ref"], r["held"], r["eot"]), r["ref_held"], dc)
     assert before["margin"] == 0.0  # policy == reference: every implicit reward is 0
-    history = dpo.train_preference("dpo", policy, train, dpo.group_logps(ref, train, eot), dc, eot,
-                                   log=lambda *a: None)
-    after = dpo.preference_stats("dpo", dpo.pair_logps(policy, held, eot), ref_held, dc)
+    policy, history = tune(r, dc)
+    after = dpo.preference_stats("dpo", dpo.pair_logps(policy, r["held"], r["eot"]), r["ref_held"], dc)
     assert history[-1]["loss"] < history[0]["loss"]
     assert after["margin"] > 0.5 and after["acc"] >= 0.9, after
-    lengths = gpt.token_byte_lengths(enc)
-    v0 = gpt.evaluate(ref, val_tokens, lengths, 128, 8, 8192)["loss"]
-    v1 = gpt.evaluate(policy, val_tokens, lengths, 128, 8, 8192)["loss"]
+    v0 = gpt.evaluate(r["ref"], val_tokens, r["lengths"], 128, 8, 8192)["loss"]
+    v1 = gpt.evaluate(policy, val_tokens, r["lengths"], 128, 8, 8192)["loss"]
     assert v1 < v0 * 1.05
+
+
+def test_ptx_mix_lowers_val_loss_and_probes_report(short_run, train_tokens, val_tokens):
+    """The TinyStories NLL term (ptx_coef) pulls the val loss below plain DPO's, DPO still learns the
+    preference, the NLL-only control trains the model too, and the probe runs every probe_every steps
+    in eval mode."""
+    r = short_run
+    val = lambda m: gpt.evaluate(m, val_tokens, r["lengths"], 128, 8, 8192)["loss"]  # noqa: E731
+    plain, _ = tune(r, r["dc"])
+    dc = dataclasses.replace(r["dc"], ptx_coef=1.0, ptx_tokens=64, probe_every=3)
+    modes = []
+
+    def probe(model):
+        modes.append(model.training)
+        return dict(probe_acc=dpo.preference_stats("dpo", dpo.pair_logps(model, r["held"], r["eot"]),
+                                                   r["ref_held"], dc)["acc"])
+
+    mixed, history = tune(r, dc, ptx_data=train_tokens, probe=probe)
+    assert [h["step"] for h in history if "probe_acc" in h] == [3, 6] and modes == [False, False]
+    assert all(h["ptx_nll"] > 0 for h in history)  # logged each step (16 windows: too noisy to compare)
+    assert val(mixed) < val(plain) - 0.02
+    after = dpo.preference_stats("dpo", dpo.pair_logps(mixed, r["held"], r["eot"]), r["ref_held"], dc)
+    assert after["margin"] > 0.3 and after["acc"] >= 0.9, after  # the mix slows DPO (0.5 without), no more
+    control = gpt.GPT(r["ref"].cfg)
+    control.load_state_dict(r["ref"].state_dict())
+    dpo.train_ptx_only(control, 40, dc, train_tokens)  # the mix alone keeps training the language model
+    assert val(control) < val(r["ref"]) - 0.1
+    with pytest.raises(ValueError, match="ptx_data"):
+        tune(r, dc)  # the mix without its data
+    for bad in ("--ptx_coef=-1", "--probe_every=-2"):
+        with pytest.raises(ValueError, match=">= 0"):
+            dpo.main([bad])  # before any sampling or training
