@@ -501,20 +501,32 @@ def ptx_loss(policy: gpt.GPT, data: np.ndarray, gen: torch.Generator, cfg: DPOCo
     return policy(x, y)[1]
 
 
-def train_ptx_only(policy: gpt.GPT, steps: int, cfg: DPOConfig, ptx_data: np.ndarray) -> None:
-    """The control for ptx_coef: train_preference's optimizer, schedule and TinyStories windows (same
-    seed), without the preference loss. What the mix alone does to the val loss."""
+def tuning_optimizer(policy: gpt.GPT, cfg: DPOConfig) -> tuple[torch.optim.Optimizer, torch.Generator]:
+    """AdamW for tuning (no weight decay: the reference is the anchor), and the generator of the ptx
+    windows: a stream of its own, so the pair order is the same with or without the mix, and the
+    ptx-only control sees exactly the windows the mixed run saw."""
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    ptx_gen = torch.Generator().manual_seed(cfg.seed + 2)
+    return opt, torch.Generator().manual_seed(cfg.seed + 2)
+
+
+def optimizer_step(opt: torch.optim.Optimizer, policy: gpt.GPT, loss: torch.Tensor, step: int,
+                   cfg: DPOConfig) -> None:
+    """One update: linear warmup over warmup_steps then a constant lr, gradients clipped to grad_clip."""
+    for g in opt.param_groups:
+        g["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
+    opt.step()
+
+
+def train_ptx_only(policy: gpt.GPT, steps: int, cfg: DPOConfig, ptx_data: np.ndarray) -> None:
+    """The control for ptx_coef: train_preference's optimizer, schedule and TinyStories windows,
+    without the preference loss. What the mix alone does to the val loss."""
+    opt, ptx_gen = tuning_optimizer(policy, cfg)
     policy.train()
     for step in range(steps):
-        for g in opt.param_groups:
-            g["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps)
-        loss = cfg.ptx_coef * ptx_loss(policy, ptx_data, ptx_gen, cfg)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
-        opt.step()
+        optimizer_step(opt, policy, cfg.ptx_coef * ptx_loss(policy, ptx_data, ptx_gen, cfg), step, cfg)
     policy.eval()
 
 
@@ -541,17 +553,14 @@ def train_preference(name: str, policy: gpt.GPT, groups: list[dict], ref_train: 
     its figures join that step's history entry: the held-out accuracy and val loss *during* training."""
     if cfg.ptx_coef and ptx_data is None:
         raise ValueError("ptx_coef > 0 needs ptx_data: the TinyStories tokens of its next-token term")
-    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    opt, ptx_gen = tuning_optimizer(policy, cfg)
     gen = torch.Generator().manual_seed(cfg.seed)
-    ptx_gen = torch.Generator().manual_seed(cfg.seed + 2)  # its own stream: the pair order stays the same
     policy.train()
     history, step = [], 0
     steps_total = cfg.epochs * math.ceil(len(groups) / cfg.batch_prompts)
     for _ in range(cfg.epochs):
         order = torch.randperm(len(groups), generator=gen)
         for idx in order.split(cfg.batch_prompts):
-            for g in opt.param_groups:
-                g["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps)
             tokens, mask, n, c, r = group_batch([groups[i] for i in idx.tolist()], pad)
             lp = completion_logps(policy, tokens, mask)  # (S,): every completion of the step, one forward
             ref_lp = torch.cat([ref_train[i] for i in idx.tolist()])  # (S,)
@@ -561,10 +570,7 @@ def train_preference(name: str, policy: gpt.GPT, groups: list[dict], ref_train: 
             if cfg.ptx_coef:
                 ptx_nll = ptx_loss(policy, ptx_data, ptx_gen, cfg)
                 loss = pref_loss + cfg.ptx_coef * ptx_nll
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
-            opt.step()
+            optimizer_step(opt, policy, loss, step, cfg)
             step += 1
             avg = lp.detach() / n  # mean token log-prob of each sequence
             history.append(dict(step=step, loss=pref_loss.item(), acc=float((rc > rr).float().mean()),
@@ -761,9 +767,9 @@ def main(argv: list[str]) -> dict:
               f"KL {g['kl']:.4f}, val {base['val']:.4f} -> {v:.4f} ({time.time() - t1:.0f} s)", flush=True)
 
     control = None
-    if cfg.ptx_coef:  # the mix alone, for as many steps: how much of the val loss is the mix's doing
+    if cfg.ptx_coef and results:  # the mix alone: how much of the val loss is the mix's doing
         policy = copy.deepcopy(ref).requires_grad_(True)
-        train_ptx_only(policy, math.ceil(len(train_groups) / cfg.batch_prompts) * cfg.epochs, cfg, train_tok)
+        train_ptx_only(policy, len(results[-1]["history"]), cfg, train_tok)  # as many steps as each loss
         control = val_loss(policy, val_tok, byte_lengths, cfg)
     print(f"\n{n_train} train pairs, {len(heldout_pairs)} held-out pairs; win-rate on "
           f"{len(eval_prompts)} held-out prompts x {cfg.eval_samples} fresh samples\n")
