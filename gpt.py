@@ -2,10 +2,10 @@
 gpt.py - the spine of this repo: a small, modern (Llama-style) GPT trained on TinyStories.
 
 A decoder-only transformer predicts the next token of a story. Everything it needs is in this one
-file, in reading order: a byte-level BPE tokenizer (GPT-2's, trimmed to the tokens TinyStories
-uses), the data pipeline, the model (RMSNorm, RoPE, grouped-query attention, SwiGLU), training
-(AdamW, warmup + cosine, accumulation, checkpoints, DDP), evaluation in bits per byte, and sampling
-with a KV cache.
+file, in reading order: the model (RMSNorm, RoPE, grouped-query attention, SwiGLU) and sampling from
+it with a KV cache; then the plumbing that feeds it: a byte-level BPE tokenizer (GPT-2's, trimmed to
+the tokens TinyStories uses) and the data pipeline; training (AdamW, warmup + cosine, accumulation,
+DDP) with evaluation in bits per byte; checkpoints; the command line.
 
 References
 - GPT-2: Radford et al. 2019, "Language Models are Unsupervised Multitask Learners" (BPE, init).
@@ -61,7 +61,7 @@ EOT = "<|endoftext|>"
 
 
 # -----------------------------------------------------------------------------------------------
-# Configuration
+# The model's configuration (training and sampling have theirs further down)
 
 
 @dataclass
@@ -140,316 +140,6 @@ PRESETS: dict[str, dict] = {
     "nanogpt": dict(norm="layernorm", pos_emb="learned", mlp="gelu", bias=True, vocab_size=50257,
                     n_kv_head=0),
 }
-
-
-@dataclass
-class TrainConfig:
-    """Training, evaluation and I/O. Defaults: ~5 minutes on a 2-core laptop CPU."""
-
-    data: str = "sample"  # sample: the bundled 7,671 stories | full: download TinyStoriesV2-GPT4
-    batch_size: int = 8  # windows per micro-batch *per process*
-    grad_accum: int = 1  # micro-batches per optimizer step; global batch = batch_size*grad_accum*world
-    max_iters: int = 600  # optimizer steps (the LR schedule spans exactly these)
-    warmup_iters: int = 60  # linear LR warmup
-    lr: float = 6e-3  # peak learning rate (tiny models take high rates; ~3e-4 at GPT-2 small scale)
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio (Chinchilla, Llama)
-    weight_decay: float = 0.1  # AdamW decoupled weight decay, on matrices only
-    beta1: float = 0.9
-    beta2: float = 0.95  # 0.95 rather than 0.999: steadier for transformers (GPT-3, Llama)
-    grad_clip: float = 1.0  # clip the global gradient norm; 0 = off
-    optimizer: str = "adamw"  # adamw | anything registered in OPTIMIZERS (muon.py adds muon)
-    eval_interval: int = 100  # iterations between validation evaluations
-    eval_tokens: int = 32768  # val tokens per periodic evaluation (the final one uses the whole split)
-    log_interval: int = 50
-    seed: int = 1337
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | float32 | bfloat16
-    compile: bool = False  # torch.compile the model
-    out_dir: str = "out"
-    ckpt_interval: int = 200  # iterations between checkpoints (one is always written at the end)
-    resume: bool = False  # continue from out_dir/ckpt.pt exactly where it stopped
-    stop_at: int = 0  # stop after this many iterations (as if interrupted; the schedule still uses max_iters)
-    num_threads: int = 0  # torch CPU threads; 0 = torch's default
-    plot: str = "assets/gpt_loss.png"  # loss-curve plot written by `python gpt.py`; empty = none
-
-
-@dataclass
-class SampleConfig:
-    """Sampling (`--sample`) and the stories printed after training."""
-
-    ckpt: str = "out/ckpt.pt"
-    prompt: str = "Once upon a time"
-    num_samples: int = 3
-    max_new_tokens: int = 300
-    temperature: float = 0.8  # 0 = greedy
-    top_k: int = 0  # keep the k most likely tokens; 0 = off
-    top_p: float = 0.95  # nucleus sampling: smallest set with this much probability; 1 = off
-    sample_seed: int = 42
-
-
-# -----------------------------------------------------------------------------------------------
-# Tokenizer: GPT-2's byte-level BPE through tiktoken, built offline from data/gpt2, and trimmed.
-#
-# BPE starts from the 256 single bytes and applies learned merges in order of rank: the pair whose
-# concatenation has the lowest rank is merged first. GPT-2 learned 50,000 merges, so its vocabulary
-# is 256 bytes + 50,000 merged tokens + <|endoftext|> = 50,257. A token's id *is* its merge rank.
-#
-# Trimming (TinyStories, section 2, kept the 10K most common tokens): a tiny model spends most of its
-# FLOPs and parameters on a 50K-way output layer, yet TinyStories uses a few thousand tokens. We keep
-# a subset of GPT-2's ranks and renumber them densely in rank order, so the merge *priority* is
-# unchanged. The subset must be closed under merges: if "ing" = "in" + "g" is kept, so are "in" and
-# "g", otherwise "ing" could never be built. All 256 bytes stay, so any text still round-trips.
-
-GPT2_PAT = (r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s""")
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's printable stand-in for each byte, the alphabet vocab.bpe is written in (encoder.py)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
-def _read_gpt2_files() -> tuple[dict[bytes, int], dict[bytes, tuple[bytes, bytes]]]:
-    """GPT-2 merge ranks (token bytes -> id) and each merged token's two parents, from data/gpt2."""
-    d = DATA_DIR / "gpt2"
-    try:
-        ranks = {}
-        for line in (d / "r50k_base.tiktoken").read_bytes().splitlines():
-            token, rank = line.split()
-            ranks[base64.b64decode(token)] = int(rank)
-        byte_of = {c: b for b, c in _bytes_to_unicode().items()}
-        parents = {}
-        for line in (d / "vocab.bpe").read_text(encoding="utf-8").splitlines()[1:]:  # skip #version
-            a, b = (bytes(byte_of[c] for c in part) for part in line.split(" "))
-            parents[a + b] = (a, b)
-    except (OSError, ValueError, KeyError) as e:
-        raise RuntimeError(f"the GPT-2 tokenizer files in {d} are missing or corrupt ({e!r}); "
-                           "restore them with `git checkout -- data/gpt2`") from e
-    if len(ranks) != 50256 or len(parents) != 50000:
-        raise RuntimeError(f"{d} is corrupt: expected 50256 ranks and 50000 merges, got "
-                           f"{len(ranks)} and {len(parents)}; restore it with `git checkout -- data/gpt2`")
-    return ranks, parents
-
-
-def gpt2_tokenizer() -> tiktoken.Encoding:
-    """tiktoken's GPT-2 (r50k_base) encoding, offline: ids equal OpenAI's GPT-2 ids."""
-    ranks, _ = _read_gpt2_files()
-    return tiktoken.Encoding(name="gpt2", pat_str=GPT2_PAT, mergeable_ranks=ranks,
-                             special_tokens={EOT: 50256}, explicit_n_vocab=50257)
-
-
-def trim_vocab(vocab_size: int, text: str) -> list[int]:
-    """Choose the GPT-2 ranks to keep: the most frequent tokens in `text`, closed under merges.
-
-    Returns sorted GPT-2 ranks (ids), `vocab_size - 1` of them (the last new id is <|endoftext|>).
-    Tokens are taken in order of frequency (ties by rank); each brings its missing merge ancestors,
-    and is skipped if they would not fit. Leftover room is filled with the lowest-rank tokens whose
-    parents are already kept (the merges BPE would learn first), so the size is exactly vocab_size.
-    """
-    ranks, parents = _read_gpt2_files()
-    by_rank = {r: t for t, r in ranks.items()}
-    budget = vocab_size - 1
-    keep = {t for t, r in ranks.items() if r < 256}  # all single bytes: any text stays encodable
-
-    def closure(t: bytes) -> list[bytes]:  # t and its not-yet-kept ancestors, parents first
-        out, stack = [], [t]
-        while stack:
-            u = stack.pop()
-            if u in keep or u in out:
-                continue
-            out.append(u)
-            stack.extend(parents[u])
-        return out
-
-    counts = Counter(gpt2_tokenizer().encode_ordinary(text))
-    for rank, _ in sorted(counts.items(), key=lambda rc: (-rc[1], rc[0])):
-        if len(keep) >= budget:
-            break
-        new = closure(by_rank[rank])
-        if len(keep) + len(new) <= budget:
-            keep.update(new)
-    for r in range(256, 50256):
-        if len(keep) >= budget:
-            break
-        t = by_rank[r]
-        if t not in keep and all(p in keep for p in parents[t]):
-            keep.add(t)
-    return sorted(ranks[t] for t in keep)
-
-
-def tokenizer_from_ranks(kept: list[int]) -> tiktoken.Encoding:
-    """A real tiktoken.Encoding over the kept GPT-2 ranks, renumbered 0..V-2; <|endoftext|> = V-1."""
-    if len(kept) == 50256:
-        return gpt2_tokenizer()
-    ranks, parents = _read_gpt2_files()
-    by_rank = {r: t for t, r in ranks.items()}
-    kept_bytes = {by_rank[r] for r in kept}
-    missing = [t for t in kept_bytes if t in parents and not all(p in kept_bytes for p in parents[t])]
-    if len(kept_bytes) != len(kept) or missing or sum(r < 256 for r in kept) != 256:
-        raise ValueError("kept ranks must be distinct, include all 256 bytes and be closed under merges")
-    new_ranks = {by_rank[r]: i for i, r in enumerate(sorted(kept))}  # rank order = merge priority
-    digest = hashlib.sha256(np.asarray(sorted(kept), dtype=np.int64).tobytes()).hexdigest()[:8]
-    return tiktoken.Encoding(name=f"gpt2-trim{len(kept) + 1}-{digest}", pat_str=GPT2_PAT,
-                             mergeable_ranks=new_ranks, special_tokens={EOT: len(kept)},
-                             explicit_n_vocab=len(kept) + 1)
-
-
-def build_tokenizer(vocab_size: int) -> tuple[tiktoken.Encoding, list[int]]:
-    """GPT-2 (vocab_size=50257) or GPT-2 trimmed on the bundled train split, and its kept ranks."""
-    if vocab_size == 50257:
-        return gpt2_tokenizer(), list(range(50256))
-    text = read_text(DATA_DIR / "tinystories" / "tinystories_train.txt")
-    cache = DATA_DIR / "cache" / f"trim{vocab_size}-{hashlib.sha256(text.encode()).hexdigest()[:16]}.json"
-    try:
-        kept = json.loads(cache.read_text())
-    except (OSError, ValueError):
-        kept = trim_vocab(vocab_size, text)
-        atomic_write_bytes(cache, json.dumps(kept).encode())
-    return tokenizer_from_ranks(kept), kept
-
-
-def token_byte_lengths(enc: tiktoken.Encoding) -> np.ndarray:
-    """Bytes of text behind each token id; <|endoftext|> counts as 1 byte (the story separator).
-    Dividing the summed loss by these bytes gives bits per byte, comparable across tokenizers."""
-    lengths = np.ones(enc.n_vocab, dtype=np.int64)
-    for i in range(enc.n_vocab):
-        if i != enc.eot_token:
-            lengths[i] = len(enc.decode_single_token_bytes(i))
-    return lengths
-
-
-# -----------------------------------------------------------------------------------------------
-# Data: stories -> one long uint16 stream of token ids with <|endoftext|> between stories, cached on
-# disk as a memmap. Training samples random windows from it; evaluation walks it in order.
-
-FULL_URL = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/TinyStoriesV2-GPT4-{}.txt"
-
-
-@contextlib.contextmanager
-def atomic_path(path: Path):
-    """Yield a temp path beside `path` to write to; rename it over `path` only when the block ends
-    without error, so a crash never leaves half a file behind (os.replace is atomic on POSIX)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
-
-
-def read_text(path: Path) -> str:
-    if not path.exists():
-        raise FileNotFoundError(f"missing data file {path}; the bundled TinyStories sample lives in "
-                                "data/tinystories (restore it with `git checkout -- data`)")
-    return path.read_text(encoding="utf-8")
-
-
-def download_full(split: str, timeout: float = 10.0) -> Path:
-    """Download TinyStoriesV2-GPT4 (~2.2 GB train, 22 MB valid) from its Hugging Face page once."""
-    path = DATA_DIR / "full" / f"TinyStoriesV2-GPT4-{split}.txt"
-    if path.exists():
-        return path
-    url = FULL_URL.format(split)
-    tmp = path.with_name(path.name + ".part")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as r, open(tmp, "wb") as f:
-            total, done, last = int(r.headers.get("Content-Length") or 0), 0, time.time()
-            while chunk := r.read(1 << 20):
-                f.write(chunk)
-                done += len(chunk)
-                if time.time() - last > 5:
-                    print(f"downloading {path.name}: {done / 1e6:.0f} / {total / 1e6:.0f} MB", flush=True)
-                    last = time.time()
-    except (urllib.error.URLError, OSError) as e:
-        tmp.unlink(missing_ok=True)
-        raise RuntimeError(f"could not download {url} ({e}). --data=full needs the internet once; "
-                           "without it use the bundled sample: --data=sample (the default, "
-                           "data/tinystories, 7,671 train / 874 valid stories)") from e
-    os.replace(tmp, path)
-    return path
-
-
-def iter_stories(path: Path, chunk_chars: int = 1 << 24):
-    """Yield lists of stories from a file of stories separated by <|endoftext|>, in bounded memory."""
-    with open(path, encoding="utf-8") as f:
-        rest = ""
-        while chunk := f.read(chunk_chars):
-            parts = (rest + chunk).split(EOT)
-            rest = parts.pop()
-            yield [s.strip() for s in parts if s.strip()]
-        if rest.strip():
-            yield [rest.strip()]
-
-
-def load_tokens(split: str, enc: tiktoken.Encoding, data: str = "sample") -> np.ndarray:
-    """The split as a uint16 memmap of token ids, each story followed by <|endoftext|>.
-
-    The cache file's name holds a hash of the text and the tokenizer name (which holds a hash of its
-    vocabulary), so editing either one re-tokenizes. It is written atomically."""
-    if split not in ("train", "valid"):
-        raise ValueError(f"split must be train or valid, not {split!r}")
-    if data == "sample":
-        path = DATA_DIR / "tinystories" / f"tinystories_{split}.txt"
-        read_text(path)  # clear error if missing
-    elif data == "full":
-        path = download_full(split)
-    else:
-        raise ValueError(f"data must be 'sample' or 'full', not {data!r}")
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 24):
-            h.update(block)
-    cache = DATA_DIR / "cache" / f"{data}-{split}-{enc.name}-{h.hexdigest()[:16]}.u16"
-    if not cache.exists():
-        assert enc.n_vocab <= 65536, "uint16 token ids need a vocabulary of at most 65,536"
-        with atomic_path(cache) as tmp:
-            with open(tmp, "wb") as f:
-                for stories in iter_stories(path):
-                    for ids in enc.encode_ordinary_batch(stories):
-                        ids.append(enc.eot_token)
-                        f.write(np.asarray(ids, dtype=np.uint16).tobytes())
-    if cache.stat().st_size % 2:
-        raise RuntimeError(f"token cache {cache} is corrupt (odd size): delete it to re-tokenize")
-    tokens = np.memmap(cache, dtype=np.uint16, mode="r")
-    if len(tokens) == 0 or int(tokens.max()) >= enc.n_vocab:
-        raise RuntimeError(f"token cache {cache} is corrupt (empty or ids >= {enc.n_vocab}): delete it")
-    return tokens
-
-
-def get_batch(tokens: np.ndarray, offsets: torch.Tensor, block_size: int
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs x and next-token targets y for windows starting at `offsets`: both (B, T) int64."""
-    idx = offsets.numpy()[:, None] + np.arange(block_size + 1)[None, :]  # (B, T+1)
-    w = torch.from_numpy(tokens[idx].astype(np.int64))
-    return w[:, :-1], w[:, 1:]
-
-
-def batch_offsets(gen: torch.Generator, n_tokens: int, block_size: int, micro: int, accum: int,
-                  world: int, rank: int) -> torch.Tensor:
-    """Random window starts for one optimizer step, shape (accum, micro), for this rank.
-
-    Every rank draws the whole global batch (accum, world * micro) from the same generator and takes
-    its own columns. So the data depend only on the global batch, not on how it is split: 2 processes
-    with batch 8 see exactly the windows 1 process with batch 16 sees."""
-    if n_tokens <= block_size + 1:
-        raise ValueError(f"the data has {n_tokens} tokens, too few for block_size={block_size}")
-    starts = torch.randint(0, n_tokens - block_size - 1, (accum, world * micro), generator=gen)
-    return starts[:, rank * micro:(rank + 1) * micro]
 
 
 # -----------------------------------------------------------------------------------------------
@@ -868,6 +558,287 @@ def generate(model: GPT, prompt: list[int], max_new_tokens: int, num_samples: in
 
 
 # -----------------------------------------------------------------------------------------------
+# Tokenizer: GPT-2's byte-level BPE through tiktoken, built offline from data/gpt2, and trimmed.
+#
+# BPE starts from the 256 single bytes and applies learned merges in order of rank: the pair whose
+# concatenation has the lowest rank is merged first. GPT-2 learned 50,000 merges, so its vocabulary
+# is 256 bytes + 50,000 merged tokens + <|endoftext|> = 50,257. A token's id *is* its merge rank.
+#
+# Trimming (TinyStories, section 2, kept the 10K most common tokens): a tiny model spends most of its
+# FLOPs and parameters on a 50K-way output layer, yet TinyStories uses a few thousand tokens. We keep
+# a subset of GPT-2's ranks and renumber them densely in rank order, so the merge *priority* is
+# unchanged. The subset must be closed under merges: if "ing" = "in" + "g" is kept, so are "in" and
+# "g", otherwise "ing" could never be built. All 256 bytes stay, so any text still round-trips.
+
+GPT2_PAT = (r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s""")
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's printable stand-in for each byte, the alphabet vocab.bpe is written in (encoder.py)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def _read_gpt2_files() -> tuple[dict[bytes, int], dict[bytes, tuple[bytes, bytes]]]:
+    """GPT-2 merge ranks (token bytes -> id) and each merged token's two parents, from data/gpt2."""
+    d = DATA_DIR / "gpt2"
+    try:
+        ranks = {}
+        for line in (d / "r50k_base.tiktoken").read_bytes().splitlines():
+            token, rank = line.split()
+            ranks[base64.b64decode(token)] = int(rank)
+        byte_of = {c: b for b, c in _bytes_to_unicode().items()}
+        parents = {}
+        for line in (d / "vocab.bpe").read_text(encoding="utf-8").splitlines()[1:]:  # skip #version
+            a, b = (bytes(byte_of[c] for c in part) for part in line.split(" "))
+            parents[a + b] = (a, b)
+    except (OSError, ValueError, KeyError) as e:
+        raise RuntimeError(f"the GPT-2 tokenizer files in {d} are missing or corrupt ({e!r}); "
+                           "restore them with `git checkout -- data/gpt2`") from e
+    if len(ranks) != 50256 or len(parents) != 50000:
+        raise RuntimeError(f"{d} is corrupt: expected 50256 ranks and 50000 merges, got "
+                           f"{len(ranks)} and {len(parents)}; restore it with `git checkout -- data/gpt2`")
+    return ranks, parents
+
+
+def gpt2_tokenizer() -> tiktoken.Encoding:
+    """tiktoken's GPT-2 (r50k_base) encoding, offline: ids equal OpenAI's GPT-2 ids."""
+    ranks, _ = _read_gpt2_files()
+    return tiktoken.Encoding(name="gpt2", pat_str=GPT2_PAT, mergeable_ranks=ranks,
+                             special_tokens={EOT: 50256}, explicit_n_vocab=50257)
+
+
+def trim_vocab(vocab_size: int, text: str) -> list[int]:
+    """Choose the GPT-2 ranks to keep: the most frequent tokens in `text`, closed under merges.
+
+    Returns sorted GPT-2 ranks (ids), `vocab_size - 1` of them (the last new id is <|endoftext|>).
+    Tokens are taken in order of frequency (ties by rank); each brings its missing merge ancestors,
+    and is skipped if they would not fit. Leftover room is filled with the lowest-rank tokens whose
+    parents are already kept (the merges BPE would learn first), so the size is exactly vocab_size.
+    """
+    ranks, parents = _read_gpt2_files()
+    by_rank = {r: t for t, r in ranks.items()}
+    budget = vocab_size - 1
+    keep = {t for t, r in ranks.items() if r < 256}  # all single bytes: any text stays encodable
+
+    def closure(t: bytes) -> list[bytes]:  # t and its not-yet-kept ancestors, parents first
+        out, stack = [], [t]
+        while stack:
+            u = stack.pop()
+            if u in keep or u in out:
+                continue
+            out.append(u)
+            stack.extend(parents[u])
+        return out
+
+    counts = Counter(gpt2_tokenizer().encode_ordinary(text))
+    for rank, _ in sorted(counts.items(), key=lambda rc: (-rc[1], rc[0])):
+        if len(keep) >= budget:
+            break
+        new = closure(by_rank[rank])
+        if len(keep) + len(new) <= budget:
+            keep.update(new)
+    for r in range(256, 50256):
+        if len(keep) >= budget:
+            break
+        t = by_rank[r]
+        if t not in keep and all(p in keep for p in parents[t]):
+            keep.add(t)
+    return sorted(ranks[t] for t in keep)
+
+
+def tokenizer_from_ranks(kept: list[int]) -> tiktoken.Encoding:
+    """A real tiktoken.Encoding over the kept GPT-2 ranks, renumbered 0..V-2; <|endoftext|> = V-1."""
+    if len(kept) == 50256:
+        return gpt2_tokenizer()
+    ranks, parents = _read_gpt2_files()
+    by_rank = {r: t for t, r in ranks.items()}
+    kept_bytes = {by_rank[r] for r in kept}
+    missing = [t for t in kept_bytes if t in parents and not all(p in kept_bytes for p in parents[t])]
+    if len(kept_bytes) != len(kept) or missing or sum(r < 256 for r in kept) != 256:
+        raise ValueError("kept ranks must be distinct, include all 256 bytes and be closed under merges")
+    new_ranks = {by_rank[r]: i for i, r in enumerate(sorted(kept))}  # rank order = merge priority
+    digest = hashlib.sha256(np.asarray(sorted(kept), dtype=np.int64).tobytes()).hexdigest()[:8]
+    return tiktoken.Encoding(name=f"gpt2-trim{len(kept) + 1}-{digest}", pat_str=GPT2_PAT,
+                             mergeable_ranks=new_ranks, special_tokens={EOT: len(kept)},
+                             explicit_n_vocab=len(kept) + 1)
+
+
+def build_tokenizer(vocab_size: int) -> tuple[tiktoken.Encoding, list[int]]:
+    """GPT-2 (vocab_size=50257) or GPT-2 trimmed on the bundled train split, and its kept ranks."""
+    if vocab_size == 50257:
+        return gpt2_tokenizer(), list(range(50256))
+    text = read_text(DATA_DIR / "tinystories" / "tinystories_train.txt")
+    cache = DATA_DIR / "cache" / f"trim{vocab_size}-{hashlib.sha256(text.encode()).hexdigest()[:16]}.json"
+    try:
+        kept = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        kept = trim_vocab(vocab_size, text)
+        atomic_write_bytes(cache, json.dumps(kept).encode())
+    return tokenizer_from_ranks(kept), kept
+
+
+def token_byte_lengths(enc: tiktoken.Encoding) -> np.ndarray:
+    """Bytes of text behind each token id; <|endoftext|> counts as 1 byte (the story separator).
+    Dividing the summed loss by these bytes gives bits per byte, comparable across tokenizers."""
+    lengths = np.ones(enc.n_vocab, dtype=np.int64)
+    for i in range(enc.n_vocab):
+        if i != enc.eot_token:
+            lengths[i] = len(enc.decode_single_token_bytes(i))
+    return lengths
+
+
+# -----------------------------------------------------------------------------------------------
+# Data: stories -> one long uint16 stream of token ids with <|endoftext|> between stories, cached on
+# disk as a memmap. Training samples random windows from it; evaluation walks it in order.
+
+FULL_URL = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/TinyStoriesV2-GPT4-{}.txt"
+
+
+def read_text(path: Path) -> str:
+    if not path.exists():
+        raise FileNotFoundError(f"missing data file {path}; the bundled TinyStories sample lives in "
+                                "data/tinystories (restore it with `git checkout -- data`)")
+    return path.read_text(encoding="utf-8")
+
+
+def download_full(split: str, timeout: float = 10.0) -> Path:
+    """Download TinyStoriesV2-GPT4 (~2.2 GB train, 22 MB valid) from its Hugging Face page once."""
+    path = DATA_DIR / "full" / f"TinyStoriesV2-GPT4-{split}.txt"
+    if path.exists():
+        return path
+    url = FULL_URL.format(split)
+    tmp = path.with_name(path.name + ".part")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r, open(tmp, "wb") as f:
+            total, done, last = int(r.headers.get("Content-Length") or 0), 0, time.time()
+            while chunk := r.read(1 << 20):
+                f.write(chunk)
+                done += len(chunk)
+                if time.time() - last > 5:
+                    print(f"downloading {path.name}: {done / 1e6:.0f} / {total / 1e6:.0f} MB", flush=True)
+                    last = time.time()
+    except (urllib.error.URLError, OSError) as e:
+        tmp.unlink(missing_ok=True)
+        raise RuntimeError(f"could not download {url} ({e}). --data=full needs the internet once; "
+                           "without it use the bundled sample: --data=sample (the default, "
+                           "data/tinystories, 7,671 train / 874 valid stories)") from e
+    os.replace(tmp, path)
+    return path
+
+
+def iter_stories(path: Path, chunk_chars: int = 1 << 24):
+    """Yield lists of stories from a file of stories separated by <|endoftext|>, in bounded memory."""
+    with open(path, encoding="utf-8") as f:
+        rest = ""
+        while chunk := f.read(chunk_chars):
+            parts = (rest + chunk).split(EOT)
+            rest = parts.pop()
+            yield [s.strip() for s in parts if s.strip()]
+        if rest.strip():
+            yield [rest.strip()]
+
+
+def load_tokens(split: str, enc: tiktoken.Encoding, data: str = "sample") -> np.ndarray:
+    """The split as a uint16 memmap of token ids, each story followed by <|endoftext|>.
+
+    The cache file's name holds a hash of the text and the tokenizer name (which holds a hash of its
+    vocabulary), so editing either one re-tokenizes. It is written atomically."""
+    if split not in ("train", "valid"):
+        raise ValueError(f"split must be train or valid, not {split!r}")
+    if data == "sample":
+        path = DATA_DIR / "tinystories" / f"tinystories_{split}.txt"
+        read_text(path)  # clear error if missing
+    elif data == "full":
+        path = download_full(split)
+    else:
+        raise ValueError(f"data must be 'sample' or 'full', not {data!r}")
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            h.update(block)
+    cache = DATA_DIR / "cache" / f"{data}-{split}-{enc.name}-{h.hexdigest()[:16]}.u16"
+    if not cache.exists():
+        assert enc.n_vocab <= 65536, "uint16 token ids need a vocabulary of at most 65,536"
+        with atomic_path(cache) as tmp:
+            with open(tmp, "wb") as f:
+                for stories in iter_stories(path):
+                    for ids in enc.encode_ordinary_batch(stories):
+                        ids.append(enc.eot_token)
+                        f.write(np.asarray(ids, dtype=np.uint16).tobytes())
+    if cache.stat().st_size % 2:
+        raise RuntimeError(f"token cache {cache} is corrupt (odd size): delete it to re-tokenize")
+    tokens = np.memmap(cache, dtype=np.uint16, mode="r")
+    if len(tokens) == 0 or int(tokens.max()) >= enc.n_vocab:
+        raise RuntimeError(f"token cache {cache} is corrupt (empty or ids >= {enc.n_vocab}): delete it")
+    return tokens
+
+
+def get_batch(tokens: np.ndarray, offsets: torch.Tensor, block_size: int
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs x and next-token targets y for windows starting at `offsets`: both (B, T) int64."""
+    idx = offsets.numpy()[:, None] + np.arange(block_size + 1)[None, :]  # (B, T+1)
+    w = torch.from_numpy(tokens[idx].astype(np.int64))
+    return w[:, :-1], w[:, 1:]
+
+
+def batch_offsets(gen: torch.Generator, n_tokens: int, block_size: int, micro: int, accum: int,
+                  world: int, rank: int) -> torch.Tensor:
+    """Random window starts for one optimizer step, shape (accum, micro), for this rank.
+
+    Every rank draws the whole global batch (accum, world * micro) from the same generator and takes
+    its own columns. So the data depend only on the global batch, not on how it is split: 2 processes
+    with batch 8 see exactly the windows 1 process with batch 16 sees."""
+    if n_tokens <= block_size + 1:
+        raise ValueError(f"the data has {n_tokens} tokens, too few for block_size={block_size}")
+    starts = torch.randint(0, n_tokens - block_size - 1, (accum, world * micro), generator=gen)
+    return starts[:, rank * micro:(rank + 1) * micro]
+
+
+# -----------------------------------------------------------------------------------------------
+# Training: its configuration, the optimizers, the learning-rate schedule, evaluation, the loop.
+
+
+@dataclass
+class TrainConfig:
+    """Training, evaluation and I/O. Defaults: ~5 minutes on a 2-core laptop CPU."""
+
+    data: str = "sample"  # sample: the bundled 7,671 stories | full: download TinyStoriesV2-GPT4
+    batch_size: int = 8  # windows per micro-batch *per process*
+    grad_accum: int = 1  # micro-batches per optimizer step; global batch = batch_size*grad_accum*world
+    max_iters: int = 600  # optimizer steps (the LR schedule spans exactly these)
+    warmup_iters: int = 60  # linear LR warmup
+    lr: float = 6e-3  # peak learning rate (tiny models take high rates; ~3e-4 at GPT-2 small scale)
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio (Chinchilla, Llama)
+    weight_decay: float = 0.1  # AdamW decoupled weight decay, on matrices only
+    beta1: float = 0.9
+    beta2: float = 0.95  # 0.95 rather than 0.999: steadier for transformers (GPT-3, Llama)
+    grad_clip: float = 1.0  # clip the global gradient norm; 0 = off
+    optimizer: str = "adamw"  # adamw | anything registered in OPTIMIZERS (muon.py adds muon)
+    eval_interval: int = 100  # iterations between validation evaluations
+    eval_tokens: int = 32768  # val tokens per periodic evaluation (the final one uses the whole split)
+    log_interval: int = 50
+    seed: int = 1337
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | float32 | bfloat16
+    compile: bool = False  # torch.compile the model
+    out_dir: str = "out"
+    ckpt_interval: int = 200  # iterations between checkpoints (one is always written at the end)
+    resume: bool = False  # continue from out_dir/ckpt.pt exactly where it stopped
+    stop_at: int = 0  # stop after this many iterations (as if interrupted; the schedule still uses max_iters)
+    num_threads: int = 0  # torch CPU threads; 0 = torch's default
+    plot: str = "assets/gpt_loss.png"  # loss-curve plot written by `python gpt.py`; empty = none
+
+
 # Optimizers. A factory takes (model, TrainConfig) and returns a torch optimizer whose param groups
 # each carry `initial_lr`; the training loop sets lr = initial_lr * schedule(iter). muon.py adds one.
 
@@ -947,54 +918,6 @@ def unigram_entropy(tokens: np.ndarray, vocab_size: int) -> float:
     p = np.bincount(tokens, minlength=vocab_size).astype(np.float64)
     p = p[p > 0] / p.sum()
     return float(-(p * np.log(p)).sum())
-
-
-# -----------------------------------------------------------------------------------------------
-# Checkpoints: written atomically, loaded with weights_only=True (no arbitrary code from a file).
-
-
-def save_checkpoint(path: Path, model: GPT, optimizer, cfg: GPTConfig, tc: TrainConfig, kept: list[int],
-                    it: int, data_gen: torch.Generator, history: list) -> None:
-    state = dict(
-        model=model.state_dict(), optimizer=optimizer.state_dict(),
-        model_config=dataclasses.asdict(cfg), train_config=dataclasses.asdict(tc),
-        tokenizer=dict(kept_gpt2_ranks=kept), iter=it, history=history,
-        rng=dict(torch=torch.get_rng_state(), data=data_gen.get_state(),
-                 cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []),
-    )
-    with atomic_path(path) as tmp:  # readers see the old checkpoint or the new one, never half
-        torch.save(state, tmp)
-
-
-def read_checkpoint(path: Path | str, map_location="cpu") -> dict:
-    """Load a checkpoint dict with clear errors for a missing, corrupt or foreign file."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no checkpoint at {path}: train one first (`python gpt.py "
-                                f"--out_dir={path.parent}`) or pass --ckpt=PATH")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # truncated zip, random bytes, pickled code: all unreadable here
-        raise RuntimeError(f"checkpoint {path} is corrupt or not a gpt.py checkpoint ({e})") from e
-    need = {"model", "optimizer", "model_config", "train_config", "tokenizer", "iter", "rng"}
-    if not isinstance(state, dict) or not need <= state.keys():
-        raise RuntimeError(f"checkpoint {path} is not a gpt.py checkpoint (expected keys {sorted(need)})")
-    return state
-
-
-def load_model(path: Path | str, device="cpu", config_cls: type = GPTConfig
-               ) -> tuple[GPT, tiktoken.Encoding, dict]:
-    """A trained model (eval mode), its tokenizer and the raw checkpoint, from a checkpoint file.
-    `config_cls` is the config dataclass the model was trained with (moe.py passes MoEConfig)."""
-    state = read_checkpoint(path, map_location=device)
-    try:
-        cfg = config_cls(**state["model_config"])
-    except (TypeError, ValueError) as e:
-        raise RuntimeError(f"checkpoint {path} has an invalid model config ({e})") from e
-    model = GPT(cfg).to(device)
-    model.load_state_dict(state["model"])
-    enc = tokenizer_from_ranks(state["tokenizer"]["kept_gpt2_ranks"])
-    return model.eval(), enc, state
 
 
 # -----------------------------------------------------------------------------------------------
@@ -1155,7 +1078,87 @@ def train(cfg: GPTConfig, tc: TrainConfig, verbose: bool = True) -> dict:
 
 
 # -----------------------------------------------------------------------------------------------
+# Checkpoints and files: written atomically, loaded with weights_only=True (no code from a file).
+
+
+def save_checkpoint(path: Path, model: GPT, optimizer, cfg: GPTConfig, tc: TrainConfig, kept: list[int],
+                    it: int, data_gen: torch.Generator, history: list) -> None:
+    state = dict(
+        model=model.state_dict(), optimizer=optimizer.state_dict(),
+        model_config=dataclasses.asdict(cfg), train_config=dataclasses.asdict(tc),
+        tokenizer=dict(kept_gpt2_ranks=kept), iter=it, history=history,
+        rng=dict(torch=torch.get_rng_state(), data=data_gen.get_state(),
+                 cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []),
+    )
+    with atomic_path(path) as tmp:  # readers see the old checkpoint or the new one, never half
+        torch.save(state, tmp)
+
+
+def read_checkpoint(path: Path | str, map_location="cpu") -> dict:
+    """Load a checkpoint dict with clear errors for a missing, corrupt or foreign file."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint at {path}: train one first (`python gpt.py "
+                                f"--out_dir={path.parent}`) or pass --ckpt=PATH")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated zip, random bytes, pickled code: all unreadable here
+        raise RuntimeError(f"checkpoint {path} is corrupt or not a gpt.py checkpoint ({e})") from e
+    need = {"model", "optimizer", "model_config", "train_config", "tokenizer", "iter", "rng"}
+    if not isinstance(state, dict) or not need <= state.keys():
+        raise RuntimeError(f"checkpoint {path} is not a gpt.py checkpoint (expected keys {sorted(need)})")
+    return state
+
+
+def load_model(path: Path | str, device="cpu", config_cls: type = GPTConfig
+               ) -> tuple[GPT, tiktoken.Encoding, dict]:
+    """A trained model (eval mode), its tokenizer and the raw checkpoint, from a checkpoint file.
+    `config_cls` is the config dataclass the model was trained with (moe.py passes MoEConfig)."""
+    state = read_checkpoint(path, map_location=device)
+    try:
+        cfg = config_cls(**state["model_config"])
+    except (TypeError, ValueError) as e:
+        raise RuntimeError(f"checkpoint {path} has an invalid model config ({e})") from e
+    model = GPT(cfg).to(device)
+    model.load_state_dict(state["model"])
+    enc = tokenizer_from_ranks(state["tokenizer"]["kept_gpt2_ranks"])
+    return model.eval(), enc, state
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path):
+    """Yield a temp path beside `path` to write to; rename it over `path` only when the block ends
+    without error, so a crash never leaves half a file behind (os.replace is atomic on POSIX)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+# -----------------------------------------------------------------------------------------------
 # Command line: --key=value for any field of GPTConfig, TrainConfig or SampleConfig.
+
+
+@dataclass
+class SampleConfig:
+    """Sampling (`--sample`) and the stories printed after training."""
+
+    ckpt: str = "out/ckpt.pt"
+    prompt: str = "Once upon a time"
+    num_samples: int = 3
+    max_new_tokens: int = 300
+    temperature: float = 0.8  # 0 = greedy
+    top_k: int = 0  # keep the k most likely tokens; 0 = off
+    top_p: float = 0.95  # nucleus sampling: smallest set with this much probability; 1 = off
+    sample_seed: int = 42
 
 
 def _parse_value(name: str, text: str, typ):
