@@ -61,7 +61,7 @@ def test_cpu_mode_skips_gpu_phases_and_writes_json(tmp_path):
 
 
 def test_bad_options_get_one_line_errors(tmp_path):
-    for bad in ("--phases=build,bnech", "--budget=0", "--bugdet=5"):
+    for bad in ("--phases=build,bnech", "--budget=0", "--bugdet=5", "--train_iters=0"):
         assert gpu_check.main([bad, f"--out={tmp_path}"]) == 2, bad
     assert not (tmp_path / "results.json").exists()
 

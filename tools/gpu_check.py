@@ -429,10 +429,12 @@ def main(argv: list[str]) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    unknown = set(cc.phases.split(",")) - set(PHASES) - {"all"}
-    if unknown or not cc.budget > 0 or cc.train_iters < 1:
-        print(f"error: --phases takes names from {', '.join(PHASES)} (unknown: {', '.join(sorted(unknown))});"
-              " --budget must be > 0 and --train_iters >= 1", file=sys.stderr)
+    unknown = sorted(set(cc.phases.split(",")) - set(PHASES) - {"all"})
+    error = (f"--phases: unknown {', '.join(unknown)}; the phases are {', '.join(PHASES)}" if unknown else
+             "--budget must be > 0" if not cc.budget > 0 else
+             "--train_iters must be >= 1" if cc.train_iters < 1 else None)
+    if error:
+        print(f"error: {error}", file=sys.stderr)
         return 2
     return Check(cc).run_all()
 
