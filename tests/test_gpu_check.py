@@ -194,3 +194,17 @@ def test_a_phase_past_its_timeout_is_killed_with_its_children(tmp_path, monkeypa
             break
         time.sleep(0.1)
     assert not alive()
+
+
+def test_a_phase_needs_only_the_phases_that_were_asked_for(tmp_path, monkeypatch):
+    """--phases=tests on a machine that kept its build runs the tests; a failed build blocks them."""
+    monkeypatch.setattr(gpu_check, "TESTS", [sys.executable, "-c", "print('1 passed in 0.01s')"])
+    for build, runs in (("not in --phases", True), ("failed", False)):
+        check = gpu_check.Check(gpu_check.CheckConfig(phases="tests", out=str(tmp_path)))
+        check.env = dict(cuda=True)
+        check.results["phases"]["build"] = dict(status="skipped" if build == "not in --phases" else build,
+                                                reason=build)
+        check.phase("tests", 30, check.tests_phase, needs=("build",))
+        got = check.results["phases"]["tests"]
+        assert (got["status"] == "ok" and got["passed"] == 1) if runs else got == dict(
+            status="skipped", reason="build did not succeed"), got
