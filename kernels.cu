@@ -27,9 +27,10 @@
 //
 // Measured speed: NONE YET. This file was written and compiled (nvcc 13.0, sm_90) on a machine without
 // a GPU; neither correctness on a GPU nor speed has been measured. Run tests/test_kernels.py and
-// bench_kernels.py on a GPU before trusting it, and record the figures here and in README.
-// Targets (issue 8, H100): forward >= 50% and backward >= 30% of SDPA-flash at T=4096, hs 64/128, bf16,
-// causal; int8 GEMV >= 1.6x and int4 GEMV >= 2.5x the fp16 cuBLAS GEMV (memory-bound ideal: 2x, 4x).
+// bench_kernels.py on a GPU before trusting it, and record the figures here and in docs/kernels.md.
+// Targets (H100; the H200 has the same math rates): forward >= 50% and backward >= 30% of SDPA-flash
+// at T=4096, hs 64/128, bf16, causal; int8 GEMV >= 1.6x and int4 GEMV >= 2.5x the fp16 cuBLAS GEMV
+// (memory-bound ideal: 2x, 4x).
 //
 // Conventions shared with attention_flash.py (see its "Dispatch" section)
 //   q (B, nh, Tq, hs), k and v (B, nkv, Tk, hs), contiguous, bf16 or fp16, hs in {64, 128}; query head
