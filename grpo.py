@@ -109,7 +109,7 @@ class GRPOConfig:
     init: str = ""  # start model; "" = lora.py's full fine-tune in lora_dir/full, made first if missing
     lora_dir: str = "out/lora"  # where lora.py keeps its base model and fine-tunes
     out_dir: str = "out/grpo"
-    methods: str = "start,bon,dpo,grpo,drgrpo,dapo,rloo"  # start, bon (best-of-N), dpo, grpo, drgrpo, dapo, rloo
+    methods: str = "start,bon,dpo,grpo,drgrpo,dapo,rloo"  # any of these, in this order; bon = best-of-N
     bon: int = 8  # N of best-of-N
     n_train: int = 0  # training prompts from the train split (0 = all)
     n_eval: int = 256  # held-out prompts (valid split), one answer each at `temperature`
@@ -454,8 +454,9 @@ def train_rl(policy: gpt.GPT, ref: gpt.GPT, tasks: list[lora.Instruction], enc, 
                 logps = token_logps(policy, tokens[rows], cfg.temperature)  # (rows, T-1), with gradient
                 if method == "dpo":  # dpo.py's loss on summed log-probs, averaged over all pairs
                     seq, ref_seq = (logps * mask[rows]).sum(1), (ref_logps[rows] * mask[rows]).sum(1)
-                    losses, _, _ = dpo.dpo_loss(seq[0::2], seq[1::2], ref_seq[0::2], ref_seq[1::2],
-                                                cfg.dpo_beta)
+                    losses, _, _ = dpo.dpo_loss(
+                        policy_chosen_logps=seq[0::2], policy_rejected_logps=seq[1::2],
+                        ref_chosen_logps=ref_seq[0::2], ref_rejected_logps=ref_seq[1::2], beta=cfg.dpo_beta)
                     loss = losses.sum() / len(groups)
                 else:
                     loss, s = grpo_loss(logps, batch["old_logps"][rows], ref_logps[rows], adv[rows],
