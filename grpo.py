@@ -26,9 +26,9 @@ References
 - DAPO: Yu et al. 2025, arXiv:2503.14476: section 3.1 clip-higher (eps_low 0.2, eps_high 0.28), 3.2
   dynamic sampling (drop groups whose answers are all right or all wrong, sample more), 3.3 token-level
   loss (every token of the batch weighs the same), eq. 8 (the objective); section 2.3 drops the KL term.
-- RLOO: Ahmadian et al. 2024, "Back to Basics", arXiv:2402.14740, section 3.2 (REINFORCE with the mean of
-  the other k - 1 samples as baseline), after Kool et al. 2019, "Buy 4 REINFORCE Samples, Get a Baseline
-  for Free!". Online DPO on pairs from the policy's own samples: Guo et al. 2024, arXiv:2402.04792.
+- RLOO: Ahmadian et al. 2024, "Back to Basics", arXiv:2402.14740 (REINFORCE Leave-One-Out: the mean of
+  the other k - 1 samples as each sample's baseline), after Kool et al. 2019, "Buy 4 REINFORCE Samples,
+  Get a Baseline for Free!". Online DPO on pairs from the policy's own samples: Guo et al. 2024, arXiv:2402.04792.
 - Best-of-N: its KL to the sampler is at most log N - (N - 1) / N, Beirami et al. 2024, arXiv:2401.01879.
 - The knobs follow TRL's GRPOTrainer: num_generations (G), num_iterations (mu), epsilon / epsilon_high,
   beta, scale_rewards, loss_type grpo / dr_grpo / dapo.
@@ -196,7 +196,7 @@ REWARDS: dict[str, Callable[..., float]] = {"verify": verifier_reward, "naive": 
 #
 #   std  (GRPO, DeepSeekMath 4.1.2):  A_i = (r_i - mean r) / (std r + 1e-4)   std with Bessel's n - 1, as TRL
 #   mean (Dr. GRPO, sec. 3.1):         A_i =  r_i - mean r
-#   loo  (RLOO, Ahmadian et al. 3.2):  A_i =  r_i - mean_{j != i} r_j  =  G / (G - 1) * (r_i - mean r)
+#   loo  (RLOO, Ahmadian et al.):      A_i =  r_i - mean_{j != i} r_j  =  G / (G - 1) * (r_i - mean r)
 #
 # A group whose rewards are all equal gets A = 0 for every answer (the + 1e-4 keeps 0 / 0 away): it
 # teaches nothing, which is why DAPO's dynamic sampling drops such groups instead of averaging zeros in.
@@ -246,7 +246,7 @@ def group_advantages(rewards: torch.Tensor, kind: str = "std") -> torch.Tensor:
 #   seq_sum    (Dr. GRPO sec. 3.1): w_i,t = 1 / (N L_max)        a constant: the plain sum of log-probs
 # With seq_mean a long answer's tokens each get a smaller share: a wrong answer (A < 0) is pushed down less
 # per token the longer it is, a right one pushed up more the shorter it is - so wrong answers drift long
-# (Dr. GRPO Fig. 1). seq_sum is the unbiased policy gradient of sum_t log pi; token_mean is between.
+# (Dr. GRPO sec. 3.1). seq_sum is the unbiased policy gradient of sum_t log pi; token_mean is between.
 
 AGGREGATIONS = ("seq_mean", "token_mean", "seq_sum")
 
