@@ -28,7 +28,8 @@ References
   loss (every token of the batch weighs the same), eq. 8 (the objective); section 2.3 drops the KL term.
 - RLOO: Ahmadian et al. 2024, "Back to Basics", arXiv:2402.14740 (REINFORCE Leave-One-Out: the mean of
   the other k - 1 samples as each sample's baseline), after Kool et al. 2019, "Buy 4 REINFORCE Samples,
-  Get a Baseline for Free!". Online DPO on pairs from the policy's own samples: Guo et al. 2024, arXiv:2402.04792.
+  Get a Baseline for Free!". Online DPO on pairs from the policy's own samples: Guo et al. 2024,
+  arXiv:2402.04792.
 - Best-of-N: its KL to the sampler is at most log N - (N - 1) / N, Beirami et al. 2024, arXiv:2401.01879.
 - The knobs follow TRL's GRPOTrainer: num_generations (G), num_iterations (mu), epsilon / epsilon_high,
   beta, scale_rewards, loss_type grpo / dr_grpo / dapo.
@@ -93,14 +94,14 @@ class GRPOConfig:
 
     # the reward
     reward: str = "verify"  # verify (lora.py's verifier, + partial credit) | naive (words used, no gates)
-    partial: float = 0.0  # credit for a fluent answer that misses words: partial * fraction of words used
+    partial: float = 0.5  # credit for a fluent answer that misses words: partial * fraction of words used
 
     # rollouts and optimisation
-    steps: int = 30  # rollout batches per method
-    batch_prompts: int = 8  # prompts per batch (B); a batch holds B * G answers
+    steps: int = 6  # rollout batches per method
+    batch_prompts: int = 4  # prompts per batch (B); a batch holds B * G answers
     temperature: float = 0.7  # sampling temperature; the policy trained is softmax(logits / temperature)
-    max_new_tokens: int = 240  # an answer not ended by then is unfinished (reward 0)
-    lr: float = 1e-4  # AdamW, constant after warmup
+    max_new_tokens: int = 160  # an answer not ended by then is unfinished (reward 0)
+    lr: float = 1e-3  # AdamW, constant after warmup
     warmup: int = 3  # linear warmup, in optimizer steps
     grad_clip: float = 1.0
     micro_rows: int = 16  # answers per forward/backward (gradient accumulation; the loss is the same)
@@ -109,13 +110,13 @@ class GRPOConfig:
     init: str = ""  # start model; "" = lora.py's full fine-tune in lora_dir/full, made first if missing
     lora_dir: str = "out/lora"  # where lora.py keeps its base model and fine-tunes
     out_dir: str = "out/grpo"
-    methods: str = "start,bon,dpo,grpo,drgrpo,dapo,rloo"  # any of these, in this order; bon = best-of-N
+    methods: str = "start,bon,grpo,drgrpo,dapo,rloo,dpo"  # any of these, in this order; bon = best-of-N
     bon: int = 8  # N of best-of-N
     n_train: int = 0  # training prompts from the train split (0 = all)
-    n_eval: int = 256  # held-out prompts (valid split), one answer each at `temperature`
+    n_eval: int = 64  # held-out prompts (valid split), one answer each at `temperature`
     val_tokens: int = 65536  # TinyStories val tokens of the val loss
     seed: int = 1337
-    num_threads: int = 0  # torch CPU threads; 0 = torch's default
+    num_threads: int = 0  # torch CPU threads; 0 = torch's default (1 is much faster on a busy machine)
     plot: str = "auto"  # auto: assets/grpo_curves.png for the documented run, else out_dir; "" = none
 
     def __post_init__(self):
@@ -309,7 +310,9 @@ def token_logps(model: gpt.GPT, tokens: torch.Tensor, temperature: float = 1.0) 
     """log softmax(logits / temperature) of each next token: (N, T-1) from tokens (N, T). The sum over an
     answer's mask is dpo.completion_logps (at temperature 1)."""
     logits, _ = model(tokens[:, :-1])  # (N, T-1, V)
-    return -F.cross_entropy(logits.float().transpose(1, 2) / temperature, tokens[:, 1:], reduction="none")
+    nll = F.cross_entropy((logits.float() / temperature).flatten(0, 1), tokens[:, 1:].flatten(),
+                          reduction="none")  # (N (T-1),): rows of V contiguous, faster than (N, V, T-1)
+    return -nll.view(tokens.size(0), -1)
 
 
 @torch.no_grad()
@@ -613,6 +616,8 @@ def run_demo(cfg: GRPOConfig) -> dict:
         start = row if name == "start" else start
         print(f"{row['method']}: success {row['success']:.3f}, reward {row['reward']:.3f}, "
               f"KL {row['kl']:.4f}, val {row['val_loss']:.4f}, length {row['length']:.0f}", flush=True)
+        with gpt.atomic_path(out / "results.json") as tmp:  # after every method: a long run keeps its rows
+            tmp.write_text(json.dumps(dict(config=dataclasses.asdict(cfg), rows=rows), indent=1))
     start_val = start["val_loss"] if start else gpt.evaluate(ref, val, byte_lengths, ref.cfg.block_size, 16,
                                                              cfg.val_tokens)["loss"]
     print_table(rows, start_val)
@@ -620,8 +625,6 @@ def run_demo(cfg: GRPOConfig) -> dict:
         print(f"\n--- {r['method']}: a successful answer ---\n{r['example']}\n--- and a failed one ---\n"
               f"{r['failure']}")
     print(f"\ntotal {time.time() - t_all:.0f} s")
-    with gpt.atomic_path(out / "results.json") as tmp:
-        tmp.write_text(json.dumps(dict(config=dataclasses.asdict(cfg), rows=rows), indent=1))
     documented = gpt.is_default(cfg, ("out_dir", "num_threads", "plot", "init", "lora_dir"))
     path = gpt.plot_path("grpo_curves.png", documented, cfg.out_dir, cfg.plot)
     if path and runs:

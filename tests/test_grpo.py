@@ -26,6 +26,16 @@ def quiet(*args) -> None:
     pass
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These models are tiny: one thread is about as fast as two on an idle machine and much faster on a
+    busy one (no threads spinning while they wait for a core). Restored for the rest of the session."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def tiny_model(seed: int = 0, **kw) -> gpt.GPT:
     torch.manual_seed(seed)
     return gpt.GPT(tiny_config(**kw)).eval()
