@@ -100,7 +100,7 @@ class GRPOConfig:
     steps: int = 6  # rollout batches per method
     batch_prompts: int = 4  # prompts per batch (B); a batch holds B * G answers
     temperature: float = 0.7  # sampling temperature; the policy trained is softmax(logits / temperature)
-    max_new_tokens: int = 160  # an answer not ended by then is unfinished (reward 0)
+    max_new_tokens: int = 240  # an answer not ended by then is unfinished (reward 0)
     lr: float = 1e-3  # AdamW, constant after warmup
     warmup: int = 3  # linear warmup, in optimizer steps
     grad_clip: float = 1.0
