@@ -34,10 +34,11 @@ the optimizer states are evicted page by page to CPU RAM and paged back for the 
 run dying out of memory. On a CPU the states already live in host RAM, so there is nothing to page.
 
 Run it
-    python lora.py                                  # base, full FT, LoRA r=4/8/16, attention-only, QLoRA
-    python lora.py --methods=base,lora8 --steps=100 # any subset; methods: full, loraR, loraRattn, qloraR
+    python lora.py                                  # base model, full FT, LoRA r=8, QLoRA r=8
+    python lora.py --methods=lora4,lora16,lora8attn # any subset; methods: full, loraR, loraRattn, qloraR
     python lora.py --init=out/ckpt.pt               # start from your own `python gpt.py` checkpoint
     python lora.py --checkpointing=true             # recompute block activations in backward
+    python lora.py --timing=true --methods=full,lora8,qlora8   # only step times, round-robin
     python lora.py --gguf=PATH --methods=base,qlora8 --steps=20   # SmolLM2-135M-Instruct (pretrained.py)
 
 Not covered: DoRA, rsLoRA, LoRA+ and other variants; adapters on the embedding (PEFT's
@@ -429,12 +430,15 @@ def load_adapter(model: nn.Module, path: str | Path, name: str = "default") -> n
 # -----------------------------------------------------------------------------------------------
 # The task: write a story that uses three given words (TinyStories-Instruct, Eldan & Li 2023, sec. 2).
 #
-# Building it from the bundled stories: for each story, 3 distinct words that occur in it, drawn at
-# random from its *content words*: written in lowercase in the story (so no names and no
-# sentence-initial forms), at least 3 letters, not in STOP_WORDS, and in MIN_STORIES or more of the
-# train stories (the model has seen them in context) but in no more than MAX_STORY_FRAC of them (a
-# word in most stories, "day" or "happy", is a free pass, not an instruction). The vocabulary comes from
-# the train split only; held-out instructions are built from the valid split's stories the same way.
+# Building it from the bundled stories: for each story, 3 distinct words drawn at random from the
+# *concrete nouns* (a fixed list, NOUNS: things a child's story is about) that occur, written in
+# lowercase, among the story's first OPENING words; a noun qualifies when it occurs in MIN_STORIES or
+# more of the train stories (the model has seen it in context) and in no more than MAX_STORY_FRAC of
+# them (a word in most stories is a free pass, not an instruction). Why nouns and why the opening:
+# a story can bring any object in, so the order is always feasible, and the SFT answers then show the
+# words early, which is the habit the model must learn (TinyStories-Instruct lists nouns, verbs and
+# adjectives; a 2M-parameter model trained for minutes learns the nouns and little else). The noun
+# vocabulary comes from the train split only; held-out instructions are built from the valid split.
 #
 # Prompt format: plain text, `Words: dog, ball, park\nStory:`, answer: " " + story + <|endoftext|>.
 # Why no new special tokens (<|user|>, <|assistant|>): a new token needs a new embedding row, which LoRA
@@ -456,7 +460,18 @@ may might must did does doing not but all any each every some one two both from 
 out off about above below after before again very too just also only even still yet our ours your
 yours its it's you she's he's i'm don't didn't can't won't isn't wasn't let's said says say
 """.split())
-MIN_STORIES, MAX_STORY_FRAC, N_WORDS = 10, 0.1, 3
+NOUNS = frozenset("""
+ball dog cat park tree bird toy car box cake fish sun flower garden house book hat bear bunny rabbit boat
+water sky rain snow ice cream apple cookie candy door window bed room kitchen school teacher baby king
+queen prince princess dragon monster castle forest river lake sea beach sand shell rock stone hill
+mountain cloud star moon train truck bike kite balloon doll robot puzzle game song picture paint crayon
+paper pencil letter gift present party birthday juice milk bread pie soup pizza banana carrot orange
+grass leaf leaves farm cow pig horse duck frog bug bee butterfly spider mouse lion tiger monkey elephant
+owl fox wolf sheep chicken egg nest cave bridge road town city shop store jar cup bowl spoon plate table
+chair blanket pillow coat shoe shoes sock dress shirt bag basket map key clock phone bell drum ring
+necklace crown sword treasure ship plane rocket bottle button
+""".split())
+MIN_STORIES, MAX_STORY_FRAC, N_WORDS, OPENING = 60, 0.2, 3, 40
 WORD = re.compile(r"\b[a-z]{3,}\b")  # lowercase in the text: no names, no sentence starts
 
 
@@ -482,13 +497,13 @@ def read_stories(split: str) -> list[str]:
 
 
 def word_vocabulary(stories: list[str]) -> frozenset[str]:
-    """Content words of a story collection: in >= MIN_STORIES stories, <= MAX_STORY_FRAC of them."""
+    """The NOUNS of a story collection that occur in >= MIN_STORIES stories, <= MAX_STORY_FRAC of them."""
     df: dict[str, int] = {}
     for s in stories:
         for w in set(WORD.findall(s)):
             df[w] = df.get(w, 0) + 1
     hi = MAX_STORY_FRAC * len(stories)
-    return frozenset(w for w, c in df.items() if MIN_STORIES <= c <= hi and w not in STOP_WORDS)
+    return frozenset(w for w, c in df.items() if MIN_STORIES <= c <= hi and w in NOUNS)
 
 
 @functools.lru_cache(maxsize=1)
@@ -497,11 +512,13 @@ def train_vocabulary() -> frozenset[str]:
 
 
 def make_instructions(stories: list[str], vocab: frozenset[str], seed: int) -> list[Instruction]:
-    """One Instruction per story that has N_WORDS content words; the words in random order."""
+    """One Instruction per story with N_WORDS words of `vocab` among its first OPENING words; the
+    words drawn at random, in random order."""
     rng = np.random.default_rng(seed)
     out = []
     for s in stories:
-        cands = sorted(set(WORD.findall(s)) & vocab)  # sorted: the draw depends on the seed only
+        opening = " ".join(s.split()[:OPENING])
+        cands = sorted(set(WORD.findall(opening)) & vocab)  # sorted: the draw depends on the seed only
         if len(cands) >= N_WORDS:
             out.append(Instruction(tuple(rng.choice(cands, N_WORDS, replace=False).tolist()), s))
     return out
@@ -725,18 +742,18 @@ class LoRADemoConfig:
     #                 (gpt.py's default run: the same model `python gpt.py` trains)
     gguf: str = ""  # fine-tune a llama-family GGUF instead (SmolLM2-135M-Instruct) through pretrained.py
     out_dir: str = "out/lora"  # each method writes out_dir/<method>/ (checkpoint, adapter), rewritten per run
-    methods: str = "base,full,lora4,lora8,lora16,lora8attn,qlora8"  # base, full, loraR[attn|mlp], qloraR
-    steps: int = 200  # optimizer steps of every method (the same warmup + cosine schedule)
-    batch_size: int = 16  # instructions per step
-    warmup: int = 20  # linear LR warmup steps
-    lr_full: float = 1e-3  # peak LR of full fine-tuning (1/6 of pretraining's 6e-3)
-    lr_lora: float = 5e-3  # peak LR of the adapters (LoRA takes ~10x the full-FT rate: B A starts at 0)
+    methods: str = "base,full,lora8,qlora8"  # base, full, loraR[attn|mlp], qloraR (e.g. lora4,lora8attn)
+    steps: int = 100  # optimizer steps of every method (the same warmup + cosine schedule)
+    batch_size: int = 8  # instructions per step
+    warmup: int = 10  # linear LR warmup steps
+    lr_full: float = 2e-3  # peak LR of full fine-tuning (1/3 of pretraining's 6e-3)
+    lr_lora: float = 1e-2  # peak LR of the adapters (LoRA takes ~5-10x the full-FT rate: B A starts at 0)
     alpha: float = 16.0  # LoRA alpha: B A x is scaled by alpha / r
     dropout: float = 0.05  # dropout on the adapters' input
     checkpointing: bool = False  # gradient checkpointing: recompute each block in backward
     compute_dtype: str = "float32"  # QLoRA matmul dtype: float32 | bfloat16
     n_train: int = 0  # training instructions from the train split (0 = all that fit the context)
-    n_eval: int = 256  # held-out instructions (valid split) scored at every evaluation
+    n_eval: int = 96  # held-out instructions (valid split) scored at every evaluation
     eval_interval: int = 50  # steps between evaluations (success rate and val loss)
     val_tokens: int = 32768  # TinyStories val tokens of the periodic val loss (the final one: all)
     max_new_tokens: int = 240  # answer length cap (and the context: block_size - prompt length)
@@ -744,6 +761,8 @@ class LoRADemoConfig:
     seed: int = 1337
     num_threads: int = 0  # torch CPU threads; 0 = torch's default
     plot: str = "auto"  # auto: assets/lora_curves.png for the documented run, else out_dir; "" = none
+    timing: bool = False  # only time training steps of each method, round-robin, with and without
+    #                       checkpointing (step_times), instead of fine-tuning and evaluating
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "n_eval", "eval_interval", "val_tokens", "max_new_tokens"):
@@ -767,7 +786,7 @@ def load_start_model(dc: LoRADemoConfig) -> tuple[gpt.GPT, object]:
         except ImportError as e:
             raise RuntimeError("--gguf needs pretrained.py (the GGUF reader chapter), which this checkout "
                                "does not have") from e
-        model, enc, _ = pretrained.load(dc.gguf)
+        model, enc, _ = pretrained.load(dc.gguf, context=512)  # stories fit in 512 tokens; a smaller cache
         return model.eval(), enc
     path = Path(dc.init) if dc.init else Path(dc.out_dir) / "base" / "ckpt.pt"
     if not dc.init and not path.exists():
@@ -855,18 +874,47 @@ def plot_curves(rows: list[dict], path: Path, title: str) -> None:
     for r in rows:
         if r["curve"] is None:
             ax1.axhline(r["success"], color="gray", ls="--", label="base (prompted)")
+            ax2.axhline(r["val_loss"], color="gray", ls="--", label="base, whole split")
             continue
         it, succ, val = zip(*r["curve"])
-        ax1.plot(it, succ, "o-", ms=3, label=r["method"])
+        line, = ax1.plot(it, succ, "o-", ms=3, label=r["method"])
         pts = [(i, v) for i, v in zip(it, val) if v is not None]
-        ax2.plot(*zip(*pts), "o-", ms=3, label=r["method"])
+        ax2.plot(*zip(*pts), "o-", ms=3, color=line.get_color(), label=r["method"])
+        ax2.plot(it[-1], r["val_loss"], "s", mfc="none", color=line.get_color())  # the whole split
     ax1.set(xlabel="step", ylabel="held-out success rate", title="instruction success (verify)")
-    ax2.set(xlabel="step", ylabel="val loss, plain TinyStories (nats/token)", title="forgetting")
+    ax2.set(xlabel="step", ylabel="val loss, plain TinyStories (nats/token)",
+            title="forgetting (dots: first val tokens; squares: whole val split)")
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(title)
     gpt.save_figure(fig, path)
+
+
+def step_times(base: gpt.GPT, examples: list, pad: int, methods: list[Method], batch_size: int,
+               rounds: int = 3, steps: int = 4, seed: int = 0) -> dict[str, float]:
+    """Median seconds per optimizer step (forward, backward, AdamW) of each method, without and with
+    gradient checkpointing, on the same batches. Round-robin: every round runs `steps` steps of each
+    variant in turn, so load from other jobs on a shared machine falls on all of them alike."""
+    gen = torch.Generator().manual_seed(seed)
+    data = [sft_batches(examples, pad)(gen, batch_size, 1, 1, 0) for _ in range(steps)]
+    variants = {}
+    for m in methods:
+        for ckpt in (False, True):
+            model = prepare(base, m, checkpointing=ckpt, seed=seed).train()
+            opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+            variants[m.name + (" +ckpt" if ckpt else "")] = (model, opt)
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, (model, opt) in variants.items():
+            for x, y in data:
+                t = time.perf_counter()
+                _, loss = model(x[0], y[0])
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                times[name].append(time.perf_counter() - t)
+    return {name: float(np.median(t)) for name, t in times.items()}
 
 
 def run_demo(dc: LoRADemoConfig) -> list[dict]:
@@ -878,6 +926,15 @@ def run_demo(dc: LoRADemoConfig) -> list[dict]:
     T = base.cfg.block_size
     train_tasks = load_instructions("train", dc.n_train, seed=dc.seed)
     examples = [e for e in (encode_example(enc, t, T) for t in train_tasks) if e is not None]
+    if dc.timing:
+        trained = [m for m in methods if m.kind != "base"]
+        times = step_times(base, examples, enc.eot_token, trained, dc.batch_size, seed=dc.seed)
+        ref = times.get("full")
+        print(f"\nmedian step time, batch {dc.batch_size}, {torch.get_num_threads()} threads (round-robin)")
+        print("| method | step time | vs full |\n|---|---|---|")
+        for name, t in times.items():
+            print(f"| {name} | {t * 1e3:.0f} ms | " + (f"{t / ref:.2f}x |" if ref else "- |"))
+        return [dict(method=name, step_time=t) for name, t in times.items()]
     held = load_instructions("valid", dc.n_eval, seed=dc.seed + 1)
     print(f"SFT data: {len(examples):,} of {len(train_tasks):,} train instructions fit the {T}-token "
           f"context; {len(held)} held-out instructions; word vocabulary {len(train_vocabulary()):,}\n"

@@ -1,7 +1,7 @@
 """Tests for lora.py: LoRA is exactly the base model at init, trains only A and B, merges to within fp64
 rounding and unmerges bit for bit, saves/loads and swaps adapters; QLoRA's base is quant.py's NF4 and
 stays frozen; the SFT loss ignores the prompt; the verifier on hand-written answers; bad input; and a
-short real run that raises the held-out success rate."""
+short real SFT run that lowers the held-out answer loss."""
 
 import copy
 
@@ -262,10 +262,12 @@ def tasks():
 
 def test_instructions_use_words_of_their_story(tasks):
     vocab = lora.train_vocabulary()
+    assert vocab <= lora.NOUNS and len(vocab) >= 50
     for t in tasks:
         assert len(set(t.words)) == lora.N_WORDS
-        assert all(w in vocab and w not in lora.STOP_WORDS for w in t.words)
-        assert all(lora.uses_word(t.story, w) for w in t.words)
+        assert all(w in vocab for w in t.words)
+        opening = " ".join(t.story.split()[:lora.OPENING])
+        assert all(lora.uses_word(opening, w) for w in t.words)  # the words are in the opening
         assert t.prompt == f"Words: {t.words[0]}, {t.words[1]}, {t.words[2]}\nStory:"
     assert lora.load_instructions("train", 200, seed=0) == tasks  # deterministic
     assert lora.load_instructions("train", 200, seed=1) != tasks
@@ -311,6 +313,32 @@ def test_prompt_tokens_contribute_nothing_to_the_loss(tokenizer, tasks):
         _, loss2 = model(x, y)
     handle.remove()
     assert torch.equal(loss2, loss)
+
+
+def answer_loss(model, examples) -> float:
+    """Mean next-token loss over the answer tokens of equal-length (ids, P) examples."""
+    pairs = [lora.masked_example(ids, P) for ids, P in examples]
+    x, y = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+    with torch.no_grad():
+        return model.eval()(x, y)[1].item()
+
+
+def test_short_sft_run_lowers_the_heldout_answer_loss(tokenizer, tmp_path):
+    """A real fine-tuning run through gpt.train on sft_batches (examples cut to their first 64 tokens):
+    the loss on the answers of held-out (valid split) instructions goes down."""
+    enc, T = tokenizer[0], 64
+
+    def examples(split, n, seed):
+        out = [lora.encode_example(enc, t, 10 ** 6) for t in lora.load_instructions(split, n, seed=seed)]
+        return [(ids[:T + 1], P) for ids, P in out]
+
+    train, held = examples("train", 300, 0), examples("valid", 32, 1)
+    model = lora.prepare(tiny_model(block_size=T), lora.parse_method("full"))
+    before = answer_loss(model, held)
+    tc = tiny_train_config(tmp_path, max_iters=16, stop_at=15, batch_size=16, lr=3e-3, weight_decay=0.0)
+    res = gpt.train(model.cfg, tc, verbose=False, model=model, batches=lora.sft_batches(train, enc.eot_token))
+    after = answer_loss(res["model"], held)
+    assert after < before - 1.0, (before, after)
 
 
 STORY = ("Tom had a red ball. He took the ball to the park with his dog. The dog ran after the ball and "
