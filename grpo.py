@@ -552,11 +552,13 @@ def print_table(rows: list[dict], start_val: float) -> None:
 
 
 def smooth(v: list, k: int = 5) -> np.ndarray:
-    return np.convolve(v, np.ones(k) / k, mode="valid") if len(v) >= k else np.asarray(v, dtype=float)
+    """k-step moving average of a long curve; a short one (< 5 k points) as it is."""
+    return np.convolve(v, np.ones(k) / k, mode="valid") if len(v) >= 5 * k else np.asarray(v, dtype=float)
 
 
 def plot_curves(runs: dict[str, list[dict]], path: Path, title: str) -> None:
-    """Reward, KL and mean answer length vs step for every trained method (5-step moving averages)."""
+    """Reward, KL and mean answer length vs step for every trained method (5-step moving averages of
+    runs of 25 steps or more)."""
     plt = gpt.pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for name, hist in runs.items():
