@@ -1581,4 +1581,7 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    # Run as a script this file is the module __main__; a chapter it imports for a plug-in does
+    # `import gpt` and must register into these tables, not into a second copy of this file.
+    sys.modules.setdefault("gpt", sys.modules[__name__])
     main(sys.argv[1:])
