@@ -379,7 +379,14 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
                     block_q: int = BLOCK_Q, block_k: int = BLOCK_K,
                     use_cuda_kernel: bool = True) -> torch.Tensor:
     """FlashAttention-2 with gpt.ATTENTION's interface: q (B, nh, Tq, hs), k and v (B, nkv, Tk, hs),
-    queries bottom-right aligned, sinks (nh,) or None; returns (B, nh, Tq, hs) in q's dtype."""
+    queries bottom-right aligned, sinks (nh,) or None; returns (B, nh, Tq, hs) in q's dtype.
+    Values narrower than the keys (B, nkv, Tk, hs_v < hs) are zero-padded to hs and the output cut
+    back to (B, nh, Tq, hs_v): the kernels keep one head size."""
+    if v.dim() == 4 and k.dim() == 4 and v.shape[:3] == k.shape[:3] and v.shape[3] < k.shape[3]:
+        v_pad = torch.nn.functional.pad(v, (0, k.shape[3] - v.shape[3]))  # (B, nkv, Tk, hs)
+        y = flash_attention(q, k, v_pad, causal=causal, window=window, sinks=sinks, soft_cap=soft_cap,
+                            block_q=block_q, block_k=block_k, use_cuda_kernel=use_cuda_kernel)
+        return y[..., :v.shape[3]]  # (B, nh, Tq, hs_v)
     if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
         raise ValueError(f"expected q (B, nh, Tq, hs) and k, v (B, nkv, Tk, hs); got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
