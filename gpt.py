@@ -1210,8 +1210,9 @@ def train(cfg: GPTConfig, tc: TrainConfig, verbose: bool = True, *, model: Optio
         final = dict(val_loss=ev["loss"], val_bpb=ev["bpb"], val_tokens=ev["tokens"],
                      unigram_loss=unigram_entropy(np.asarray(val_tokens), enc.n_vocab),
                      train_time=time.time() - t_start, step_time=t_train, iters=tc.max_iters, **extra)
-        history.append(dict(iter=tc.max_iters, val_loss=ev["loss"], val_bpb=ev["bpb"], val_tokens=ev["tokens"],
-                            time=time.time() - t_start, train_time=t_train, whole_split=True, **extra))
+        history.append(dict(iter=tc.max_iters, val_loss=ev["loss"], val_bpb=ev["bpb"],
+                            val_tokens=ev["tokens"], time=time.time() - t_start, train_time=t_train,
+                            whole_split=True, **extra))
         log(f"final: val loss {ev['loss']:.4f} nats/token ({ev['bpb']:.4f} bits/byte) over the whole val "
             f"split ({ev['tokens']:,} next-token targets); unigram baseline {final['unigram_loss']:.4f}; "
             f"{final['train_time']:.0f}s" + "".join(f"; {k} {v:.4g}" for k, v in extra.items()))

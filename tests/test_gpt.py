@@ -665,7 +665,8 @@ def test_cli_trains_then_samples_from_checkpoint(tmp_path):
     assert {p.name: p.stat().st_mtime_ns for p in (ROOT / "assets").glob("*.png")} == assets  # ...not assets/
     r = run("--sample", f"--ckpt={tmp_path / 'ckpt.pt'}", "--prompt=Once upon a time", "--max_new_tokens=10")
     assert r.returncode == 0, r.stderr
-    assert r.stdout.count("Once upon a time") == 3
+    samples = re.findall(r"--- sample \d+ ---\n(.*)", r.stdout)
+    assert len(samples) == 3 and all(s.startswith("Once upon a time") for s in samples), r.stdout
     r = run("--n_layerz=1")
     assert r.returncode != 0 and "unknown option --n_layerz" in r.stderr
     r = run("--sample", f"--ckpt={tmp_path / 'missing.pt'}")
