@@ -185,14 +185,17 @@ def latent_attention(q_abs: torch.Tensor, kv: torch.Tensor, d_c: int, kernel, *,
 class MLACache:
     """The decoding cache of an MLA model: per layer, either the latent rows [c; k^R] (B, S, d_c + d_r)
     (latent=True, the absorbed path) or every head's expanded K (B, nh, S, d_h + d_r) and V
-    (B, nh, S, d_v) (latent=False, the cost MLA avoids). Same bookkeeping as gpt.KVCache: S = max_len
-    slots, or a ring of W slots with a sliding window; the prompt goes in whole, then one token at a
-    time. The latent and rotary key share one buffer so that the kernel reads them without a copy."""
+    (B, nh, S, d_v) (latent=False, the cost MLA avoids). The latent and rotary key share one buffer so
+    that the kernel reads them without a copy. The bookkeeping is gpt.KVCache's, with any tensors:
+    S = max_len slots, or a ring of W + spare slots with a sliding window W; the prompt goes in whole,
+    then chunks of one token or (speculative decoding's drafts) several, and truncate(n) rolls back."""
 
     def __init__(self, cfg: MLAConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32,
-                 latent: bool = True):
-        self.latent, self.window = latent, cfg.window
-        self.size = cfg.window if cfg.window else max_len
+                 latent: bool = True, spare: int = 0):
+        if spare < 0:
+            raise ValueError(f"MLACache: spare must be >= 0, got {spare}")
+        self.latent, self.window, self.spare = latent, cfg.window, spare
+        self.size = cfg.window + spare if cfg.window else max_len
         d_qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
         shapes = ({"kv": (-1, cfg.kv_lora_rank + cfg.qk_rope_head_dim)} if latent else
                   {"k": (cfg.n_head, -1, d_qk), "v": (cfg.n_head, -1, cfg.v_head_dim)})  # -1: positions
@@ -207,28 +210,48 @@ class MLACache:
 
     def update(self, layer: int, **new: torch.Tensor) -> tuple[dict[str, torch.Tensor], bool]:
         """Store this chunk's tensors (positions on the axis `dim`); return what to attend to and
-        whether the kernel must still apply the causal/window mask (prompt) or not (decoding)."""
+        whether the kernel must still apply the causal/window mask (prompt, chunks) or not (one token)."""
         name0 = next(iter(new))
         T = new[name0].shape[self.dim[name0]]
+        device = new[name0].device
         if self.pos == 0:  # the prompt: attend within the chunk with the usual mask, keep its tail
             n = min(T, self.size)
-            slots = torch.arange(T - n, T, device=new[name0].device) % self.size
+            slots = torch.arange(T - n, T, device=device) % self.size
             for name, x in new.items():
                 d = self.dim[name]
                 self.buf[name][layer].index_copy_(d, slots, x.narrow(d, T - n, n).to(self.buf[name].dtype))
             return new, True
-        if T != 1:
-            raise ValueError("MLACache: after the prompt, feed one token at a time")
-        if not self.window and self.pos >= self.size:
-            raise ValueError(f"MLACache is full ({self.size} positions): start a new one")
-        slot = self.pos % self.size
-        n = min(self.pos + 1, self.size)  # every stored row is in the past and inside the window
         out = {}
+        if not self.window:
+            if self.pos + T > self.size:
+                raise ValueError(f"MLACache is full ({self.size} positions): start a new one")
+            for name, x in new.items():
+                d = self.dim[name]
+                self.buf[name][layer].narrow(d, self.pos, T).copy_(x)
+                out[name] = self.buf[name][layer].narrow(d, 0, self.pos + T)  # queries = the last T rows
+            return out, T > 1
+        if T > self.spare + 1:
+            raise ValueError(f"MLACache: a chunk of {T} tokens after the prompt needs a ring with spare >= "
+                             f"{T - 1} extra slots (this one has spare={self.spare})")
+        slots = torch.arange(self.pos, self.pos + T, device=device) % self.size
         for name, x in new.items():
-            d = self.dim[name]
-            self.buf[name][layer].narrow(d, slot, 1).copy_(x)
-            out[name] = self.buf[name][layer].narrow(d, 0, n)
-        return out, False
+            self.buf[name][layer].index_copy_(self.dim[name], slots, x.to(self.buf[name].dtype))
+        if T == 1 and not self.spare:  # the plain ring: every stored row is in the past and the window
+            n = min(self.pos + 1, self.size)
+            return {name: b[layer].narrow(self.dim[name], 0, n) for name, b in self.buf.items()}, False
+        # positions pos - W + 1 .. pos + T - 1, in order, so the usual causal + window mask applies
+        first = max(0, self.pos - self.window + 1)
+        order = torch.arange(first, self.pos + T, device=device) % self.size
+        return {name: b[layer].index_select(self.dim[name], order) for name, b in self.buf.items()}, T > 1
+
+    def truncate(self, n: int) -> None:
+        """Forget positions n, n+1, ... (a rejected draft): the next token fed is position n."""
+        if not 0 <= n <= self.pos:
+            raise ValueError(f"MLACache.truncate({n}): can keep 0 to {self.pos} positions (those seen)")
+        if self.window and self.pos - n > self.spare:
+            raise ValueError(f"MLACache.truncate: rolling a sliding-window ring back {self.pos - n} "
+                             f"positions needs spare >= {self.pos - n} (this one has spare={self.spare})")
+        self.pos = n
 
 
 class MLA(nn.Module):
@@ -273,8 +296,10 @@ class MLA(nn.Module):
         k_rope = gpt.apply_rope(ckr[..., None, d_c:].contiguous(), *rope)[:, :, 0]  # (B, T, d_r)
         return q_nope, q_rope, c, k_rope
 
-    def make_cache(self, batch_size: int, max_len: int, device=None, dtype=torch.float32) -> MLACache:
-        return MLACache(self.cfg, batch_size, max_len, device, dtype, latent=self.cfg.mla_cache == "latent")
+    def make_cache(self, batch_size: int, max_len: int, device=None, dtype=torch.float32,
+                   spare: int = 0) -> MLACache:
+        return MLACache(self.cfg, batch_size, max_len, device, dtype, latent=self.cfg.mla_cache == "latent",
+                        spare=spare)
 
     def forward(self, x: torch.Tensor, rope: tuple, cache: Optional[MLACache] = None) -> torch.Tensor:
         B, T, C = x.shape
@@ -309,7 +334,8 @@ def expand_latent_cache(model: gpt.GPT, cache: MLACache) -> MLACache:
     functions of the latent rows, which is the whole point."""
     cfg = model.cfg
     first = cache.buf["kv"]
-    out = MLACache(cfg, first.shape[1], cache.size, first.device, first.dtype, latent=False)
+    out = MLACache(cfg, first.shape[1], cache.size, first.device, first.dtype, latent=False,
+                   spare=cache.spare)
     out.pos = cache.pos
     d_h, d_c = cfg.qk_nope_head_dim, cfg.kv_lora_rank
     for i, block in enumerate(model.layers):
@@ -382,7 +408,8 @@ def spec_from_config(cfg: gpt.GPTConfig) -> CacheSpec:
 
 
 LLAMA1 = "LLaMA arXiv:2302.13971 Table 2; Llama 2 arXiv:2307.09288 sec. 2.2 (GQA only for 34B, 70B)"
-LLAMA3 = "Llama 3 arXiv:2407.21783 Table 3"
+LLAMA3 = ("Llama 3 arXiv:2407.21783 Table 3 (8 KV heads of 128); 8K context as first released "
+          "(Llama 3.1, the same architecture: 128K)")
 DSV3 = ("DeepSeek-V3 arXiv:2412.19437 sec. 4.2: 61 layers, n_h = 128, d_h = 128, d_c = 512, d_h^R = 64; "
         "config.json kv_lora_rank 512, qk_rope_head_dim 64")
 REAL_MODELS: list[CacheSpec] = [

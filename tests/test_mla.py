@@ -184,15 +184,55 @@ def test_gpt_kv_cache_bytes_equal_the_arithmetic(n_kv_head):
     assert cache.k.nbytes + cache.v.nbytes == mla.kv_cache_bytes(mla.spec_from_config(cfg), 16, 3, bits=32)
 
 
+@pytest.mark.parametrize("latent", [True, False], ids=["latent", "expanded"])
+@pytest.mark.parametrize("window,spare", [(0, 0), (5, 3)])
+def test_chunks_and_truncate_for_speculative_decoding(latent, window, spare):
+    """Speculative decoding's pattern: feed a draft of several tokens, roll back to the accepted
+    prefix, feed again; every logit must equal the full forward's at its position."""
+    model = perturb(gpt.GPT(mla_config(window=window)))
+    idx = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(6))
+    full, _ = model(idx)  # (B, T, V)
+    wrong = (idx + 1) % 300  # tokens of a rejected draft
+    cache = mla.MLACache(model.cfg, 2, 16, dtype=torch.float64, latent=latent, spare=spare)
+    got = {}
+    def feed(a: int, b: int, src: torch.Tensor = idx):
+        logits = model(src[:, a:b], cache=cache)[0]
+        if src is idx:
+            got.update({t: logits[:, t - a] for t in range(a, b)})
+    feed(0, 5)  # the prompt
+    feed(5, 9)  # a draft of 4, all accepted
+    feed(9, 12, wrong)  # a draft of 3, all rejected
+    cache.truncate(9)
+    feed(9, 11)  # 2 accepted ...
+    feed(11, 13, wrong)  # ... then a rejected draft of 2
+    cache.truncate(11)
+    feed(11, 12)  # one token at a time
+    feed(12, 16)
+    assert cache.pos == 16
+    assert torch.allclose(torch.stack([got[t] for t in range(16)], dim=1), full, atol=1e-10, rtol=0)
+
+
 def test_cache_misuse_gets_clear_errors():
     model = gpt.GPT(mla_config())
     cache = model.make_cache(1, 4)
     model(torch.tensor([[1, 2, 3]]), cache=cache)
-    with pytest.raises(ValueError, match="one token at a time"):
-        model(torch.tensor([[1, 2]]), cache=cache)
+    with pytest.raises(ValueError, match="full"):
+        model(torch.tensor([[4, 5]]), cache=cache)
     model(torch.tensor([[4]]), cache=cache)
     with pytest.raises(ValueError, match="full"):
         model(torch.tensor([[5]]), cache=cache)
+    with pytest.raises(ValueError, match=r"truncate\(5\): can keep 0 to 4"):
+        cache.truncate(5)
+    ring = gpt.GPT(mla_config(window=3)).layers[0].attention.make_cache(1, 16, spare=2)
+    assert ring.size == 5
+    model = gpt.GPT(mla_config(window=3))
+    model(torch.tensor([[1, 2, 3, 4]]), cache=ring)
+    with pytest.raises(ValueError, match="spare >= 3"):
+        model(torch.tensor([[5, 6, 7, 8]]), cache=ring)
+    with pytest.raises(ValueError, match="spare >= 3"):
+        ring.truncate(1)
+    with pytest.raises(ValueError, match="spare must be >= 0"):
+        mla.MLACache(model.cfg, 1, 16, spare=-1)
 
 
 # -----------------------------------------------------------------------------------------------
