@@ -22,8 +22,9 @@ References
 - MQA: Shazeer 2019, arXiv:1911.02150. GQA: Ainslie et al. 2023, arXiv:2305.13245.
 
 Run it
-    python mla.py                   # MHA, GQA, MQA, MLA on TinyStories, decode speed, cache tables (~15 min)
-    python mla.py --max_iters=60 --decode_lengths=1024 --out_dir=out/mla_quick   # a quick look (~2 min)
+    python mla.py                   # MHA, GQA, MQA, MLA on TinyStories, decode speed, cache tables
+    python mla.py --num_threads=1   # the same on a machine other jobs keep busy (threads would wait)
+    python mla.py --max_iters=60 --decode_lengths=1024 --out_dir=out/mla_quick   # a quick look
     python mla.py table             # the KV-cache arithmetic for real models only (instant)
     python gpt.py --attention=mla --kv_lora_rank=48 --qk_rope_head_dim=16   # gpt.py's training, MLA
     python gpt.py --sample --ckpt=out/ckpt.pt                                  # samples via the latent cache
