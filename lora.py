@@ -436,8 +436,8 @@ def load_adapter(model: nn.Module, path: str | Path, name: str = "default") -> n
 # more of the train stories (the model has seen it in context) and in no more than MAX_STORY_FRAC of
 # them (a word in most stories is a free pass, not an instruction). Why nouns and why the opening:
 # a story can bring any object in, so the order is always feasible, and the SFT answers then show the
-# words early, which is the habit the model must learn (TinyStories-Instruct lists nouns, verbs and
-# adjectives; a 2M-parameter model trained for minutes learns the nouns and little else). The noun
+# words early, which is the habit the model must learn (TinyStories-Instruct also lists verbs and
+# adjectives; common nouns are the order a tiny model can start to follow in a short run). The noun
 # vocabulary comes from the train split only; held-out instructions are built from the valid split.
 #
 # Prompt format: plain text, `Words: dog, ball, park\nStory:`, answer: " " + story + <|endoftext|>.
@@ -453,13 +453,6 @@ def load_adapter(model: nn.Module, path: str | Path, name: str = "default") -> n
 # letter). No inflections: the words are copied from real stories in the form they appear, so an
 # answer in that form exists, and an exact rule leaves nothing for grpo.py's policy to game.
 
-STOP_WORDS = frozenset("""
-the and was for with that his her him she they them their there then than this these those what when
-where which who whom why how are were had has have having been being can could would should will shall
-may might must did does doing not but all any each every some one two both from into onto over under
-out off about above below after before again very too just also only even still yet our ours your
-yours its it's you she's he's i'm don't didn't can't won't isn't wasn't let's said says say
-""".split())
 NOUNS = frozenset("""
 ball dog cat park tree bird toy car box cake fish sun flower garden house book hat bear bunny rabbit boat
 water sky rain snow ice cream apple cookie candy door window bed room kitchen school teacher baby king
