@@ -2,8 +2,10 @@
 bench.py - training throughput of gpt.py's configurations, measured side by side in one run, and
 an equal-wall-clock race between the default (Llama-style) config and the nanoGPT-style preset.
 
+Run it
     python bench.py                 # tokens/s (and MFU on GPU) as JSON lines, one per configuration
     python bench.py --race=300      # + train both configs for 300 s of compute each, plot val bits/byte
+    python bench.py --n_layer=8 --batch_size=16   # any gpt.py flag changes the benchmarked model
 
 Every line is a JSON object, so results can be collected with `python bench.py | jq`. The throughput
 of one configuration is the median over `--iters` timed training steps after `--warmup` untimed ones,
@@ -18,15 +20,24 @@ import json
 import statistics
 import sys
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 import gpt
 
-try:  # attention_flash.py registers the flash kernel when it exists
-    import attention_flash  # noqa: F401
-except ImportError:
-    pass
+@dataclass
+class BenchOptions:
+    """bench.py's own flags; every other flag is gpt.py's (model and training configuration)."""
+
+    iters: int = 10  # timed training steps per configuration (the median is reported)
+    warmup: int = 3  # untimed steps before them
+    race: float = 0.0  # seconds of training compute per config in the race; 0 = no race
+
+    def __post_init__(self):
+        if self.iters < 1 or self.warmup < 0 or self.race < 0:
+            raise ValueError("iters must be >= 1, warmup and race >= 0")
 
 
 def sync(device: torch.device) -> None:
@@ -73,17 +84,14 @@ def throughput(cfg: gpt.GPTConfig, tc: gpt.TrainConfig, iters: int, warmup: int)
 
 
 def race(configs: dict[str, gpt.GPTConfig], speeds: dict[str, dict], tc: gpt.TrainConfig,
-         budget: float) -> None:
+         budget: float, plot: Path) -> None:
     """Train each config for `budget` seconds of compute and plot val bits/byte vs time."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    fig, ax = gpt.pyplot().subplots(figsize=(6.5, 4))
     for name, cfg in configs.items():
         iters = max(10, int(budget / speeds[name]["s_per_iter"]))
         run_tc = dataclasses.replace(tc, max_iters=iters, warmup_iters=max(1, iters // 10),
-                                     eval_interval=max(1, iters // 8), out_dir=f"out/race-{name}")
+                                     eval_interval=max(1, iters // 8), out_dir=f"{tc.out_dir}/race-{name}",
+                                     ckpt="", overwrite=True)
         res = gpt.train(cfg, run_tc)
         f = res["final"]
         print(json.dumps(dict(bench="race", config=name, budget_s=budget, iters=iters,
@@ -97,34 +105,39 @@ def race(configs: dict[str, gpt.GPTConfig], speeds: dict[str, dict], tc: gpt.Tra
     ax.set_title(f"equal compute budget ({budget:.0f} s each), {speeds[name]['device']}")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    gpt.ROOT.joinpath("assets").mkdir(exist_ok=True)
-    fig.savefig(gpt.ROOT / "assets" / "race.png", dpi=120)
+    gpt.save_figure(fig, plot)
+    print(f"plot: {plot}")
 
 
 def main(argv: list[str]) -> None:
-    opts = dict(iters=10, warmup=3, race=0.0)
-    rest = []
-    for a in argv:
-        key, _, val = a[2:].partition("=")
-        if key in opts:
-            opts[key] = type(opts[key])(val)
-        else:
-            rest.append(a)
-    base_cfg, tc, _, _ = gpt.parse_args(rest)
-    nano_cfg, _, _, _ = gpt.parse_args(rest + ["--preset=nanogpt"])
+    if gpt.wants_help(argv):
+        print(gpt.help_text("bench.py", [("bench", BenchOptions), ("model", gpt.GPTConfig),
+                                         ("training", gpt.TrainConfig)], __doc__))
+        return
+    ours = {f.name for f in dataclasses.fields(BenchOptions)}
+    mine = [a for a in argv if a.startswith("--") and a[2:].partition("=")[0] in ours]
+    rest = [a for a in argv if a not in mine]
+    try:
+        opts = gpt.config_from_args(BenchOptions, mine)
+        base_cfg, tc, _, _ = gpt.parse_args(rest)
+        nano_cfg, _, _, _ = gpt.parse_args(rest + ["--preset=nanogpt"])
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     configs = {"default": base_cfg, "nanogpt": nano_cfg}
-    for impl in sorted(gpt.ATTENTION):
+    for impl in sorted(set(gpt.ATTENTION) | set(gpt.PROVIDERS["attn_impl"])):  # every attention kernel
         if impl != base_cfg.attn_impl:
             configs[f"default+{impl}"] = dataclasses.replace(base_cfg, attn_impl=impl)
     speeds = {}
     for name, cfg in configs.items():
-        speeds[name] = throughput(cfg, tc, opts["iters"], opts["warmup"])
+        speeds[name] = throughput(cfg, tc, opts.iters, opts.warmup)
         row = dict(bench="train_throughput", config=name, attn_impl=cfg.attn_impl, batch_size=tc.batch_size,
                    block_size=cfg.block_size, **speeds[name])
         print(json.dumps(row), flush=True)
-    if opts["race"]:
-        race({k: configs[k] for k in ("default", "nanogpt")}, speeds, tc, opts["race"])
+    if opts.race:
+        documented = opts == BenchOptions(race=180) and gpt.is_default(base_cfg) and \
+            gpt.is_default(tc, gpt.RUN_ONLY_FIELDS)
+        plot = gpt.plot_path("race.png", documented, tc.out_dir, tc.plot)
+        race({k: configs[k] for k in ("default", "nanogpt")}, speeds, tc, opts.race, plot)
 
 
 if __name__ == "__main__":

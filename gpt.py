@@ -35,14 +35,19 @@ import contextlib
 import dataclasses
 import difflib
 import hashlib
+import importlib
+import inspect
 import json
 import math
 import os
+import pickle
+import re
 import sys
 import time
 import typing
 import urllib.error
 import urllib.request
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -399,13 +404,10 @@ class Block(nn.Module):
 
     def __init__(self, cfg: GPTConfig, layer: int):
         super().__init__()
-        if cfg.mlp not in MLPS:
-            raise ValueError(f"unknown mlp {cfg.mlp!r}; known: {sorted(MLPS)} "
-                             "(moe.py registers its layers when imported)")
         self.attention_norm = make_norm(cfg, cfg.n_embd)
         self.attention = Attention(cfg, layer)
         self.ffn_norm = make_norm(cfg, cfg.n_embd)
-        self.feed_forward = MLPS[cfg.mlp](cfg, layer)
+        self.feed_forward = plugin("mlp", cfg.mlp)(cfg, layer)
 
     def forward(self, x, rope, cache=None):
         x = x + self.attention(self.attention_norm(x), rope, cache)
@@ -417,9 +419,7 @@ class GPT(nn.Module):
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        if cfg.attn_impl not in ATTENTION:
-            raise ValueError(f"unknown attn_impl {cfg.attn_impl!r}; known: {sorted(ATTENTION)} "
-                             "(flash is registered by `import attention_flash`)")
+        plugin("attn_impl", cfg.attn_impl)  # imports the chapter that provides it, if needed
         self.cfg = cfg
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         if cfg.pos_emb == "learned":
@@ -496,13 +496,68 @@ class GPT(nn.Module):
 
 
 # -----------------------------------------------------------------------------------------------
+# Plug-in points. The attention kernel, the MLP and the optimizer are looked up by name in plain dicts
+# (ATTENTION, MLPS above, OPTIMIZERS below) that other chapters add to when imported. PROVIDERS says
+# which chapter provides which name, so `python gpt.py --mlp=moe` imports moe.py on first use: no
+# user code has to import it. A chapter whose part takes options of its own registers a dataclass
+# extending GPTConfig or TrainConfig under the part's name in CONFIG_CLASSES (moe.py: MoEConfig), and
+# the command line and checkpoints then know those options too.
+
+PROVIDERS: dict[str, dict[str, str]] = {  # config field -> {name: module that registers it}
+    "attn_impl": {"flash": "attention_flash"},
+    "mlp": {"moe": "moe"},
+    "optimizer": {"muon": "muon"},
+}
+CONFIG_CLASSES: dict[str, type] = {}  # plug-in name -> dataclass adding its options
+
+
+def plugin(kind: str, name: str) -> Callable:
+    """The entry `name` of the plug-in table for config field `kind` (attn_impl, mlp, optimizer),
+    importing the chapter that provides it first if needed; a clear error lists the choices."""
+    table = {"attn_impl": ATTENTION, "mlp": MLPS, "optimizer": OPTIMIZERS}[kind]
+    if name not in table and name in PROVIDERS[kind]:
+        importlib.import_module(PROVIDERS[kind][name])  # the module registers itself on import
+    if name not in table:
+        known = sorted(set(table) | set(PROVIDERS[kind]))
+        raise ValueError(f"unknown {kind} {name!r}; choose one of {', '.join(known)}")
+    return table[name]
+
+
+def config_classes(names: dict[str, str]) -> tuple[type, type]:
+    """The model and training config classes for the plug-ins in use ({field: name}): GPTConfig and
+    TrainConfig, or dataclasses that extend them with every option the plug-ins registered."""
+    for kind, name in names.items():
+        plugin(kind, name)
+    out = []
+    for base in (GPTConfig, TrainConfig):
+        ext = [CONFIG_CLASSES[n] for n in names.values()
+               if n in CONFIG_CLASSES and issubclass(CONFIG_CLASSES[n], base)]
+        if len(ext) <= 1:
+            out.append(ext[0] if ext else base)
+        else:  # several extensions (say an MoE model trained by Muon): one class with all their fields
+            out.append(dataclass(type("+".join(c.__name__ for c in ext), tuple(ext), {})))
+    return out[0], out[1]
+
+
+# -----------------------------------------------------------------------------------------------
 # Sampling
+
+
+def check_sampling(temperature: float, top_k: int, top_p: float) -> None:
+    """Sampling settings that would be silently wrong or fail deep inside torch get a clear error."""
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1] (1 = off), got {top_p}")
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Draw one token id per row of logits (B, V) -> (B,). temperature 0 means greedy."""
-    if temperature <= 0:
+    check_sampling(temperature, top_k, top_p)
+    if temperature == 0:
         return logits.argmax(-1)
     logits = logits.float() / temperature
     if top_k:  # keep the k largest logits
@@ -527,12 +582,18 @@ def generate(model: GPT, prompt: list[int], max_new_tokens: int, num_samples: in
     The prompt is processed in one forward pass (prefill); after that every step feeds one token.
     Without a sliding window the cache holds block_size positions; when it is full we keep the last
     half of the text and prefill again, so generation can run on (RoPE only sees relative positions).
+    A prompt longer than block_size is cut to its last block_size tokens (with a warning): the model
+    was trained on no longer context.
     """
     model.eval()
     cfg = model.cfg
     device = model.tok_embeddings.weight.device
     if not prompt:
         raise ValueError("the prompt must hold at least one token")
+    check_sampling(temperature, top_k, top_p)
+    if len(prompt) > cfg.block_size:
+        warnings.warn(f"generate: the prompt has {len(prompt)} tokens, more than block_size="
+                      f"{cfg.block_size}; only its last {cfg.block_size} tokens are used", stacklevel=2)
     seqs = torch.tensor(prompt, device=device).repeat(num_samples, 1)  # (B, T0)
     done = torch.zeros(num_samples, dtype=torch.bool, device=device)
     ctx = seqs[:, -cfg.block_size:]
@@ -825,18 +886,44 @@ class TrainConfig:
     grad_clip: float = 1.0  # clip the global gradient norm; 0 = off
     optimizer: str = "adamw"  # adamw | anything registered in OPTIMIZERS (muon.py adds muon)
     eval_interval: int = 100  # iterations between validation evaluations
-    eval_tokens: int = 32768  # val tokens per periodic evaluation (the final one uses the whole split)
-    log_interval: int = 50
+    eval_tokens: int = 32768  # periodic evaluations use the first this many val tokens (the same ones
+    #                           every time); the final evaluation uses the whole split
+    log_interval: int = 50  # iterations between progress lines
     seed: int = 1337
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | float32 | bfloat16
     compile: bool = False  # torch.compile the model
-    out_dir: str = "out"
+    out_dir: str = "out"  # the run's directory: checkpoint, and the loss plot of non-default runs
+    ckpt: str = ""  # the checkpoint this run writes, resumes (--resume) or samples (--sample);
+    #                 "" = out_dir/ckpt.pt
     ckpt_interval: int = 200  # iterations between checkpoints (one is always written at the end)
-    resume: bool = False  # continue from out_dir/ckpt.pt exactly where it stopped
+    resume: bool = False  # continue the checkpoint exactly where it stopped
+    overwrite: bool = False  # let a new run replace an existing checkpoint (otherwise it refuses)
     stop_at: int = 0  # stop after this many iterations (as if interrupted; the schedule still uses max_iters)
     num_threads: int = 0  # torch CPU threads; 0 = torch's default
-    plot: str = "assets/gpt_loss.png"  # loss-curve plot written by `python gpt.py`; empty = none
+    plot: str = "auto"  # loss plot: auto = assets/gpt_loss.png for the documented default run and
+    #                     out_dir/loss.png for any other; or a path; or "" for none
+
+    def __post_init__(self):
+        for name in ("batch_size", "grad_accum", "max_iters", "eval_interval", "eval_tokens", "log_interval",
+                     "ckpt_interval"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"TrainConfig: {name} must be positive, got {getattr(self, name)}")
+        for name in ("warmup_iters", "weight_decay", "grad_clip", "stop_at", "num_threads"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"TrainConfig: {name} must be >= 0, got {getattr(self, name)}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"TrainConfig: lr must be a positive number, got {self.lr}")
+        if not (0 <= self.min_lr_ratio <= 1 and 0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ValueError("TrainConfig: min_lr_ratio must be in [0, 1], beta1 and beta2 in [0, 1)")
+        if self.data not in ("sample", "full"):
+            raise ValueError(f"TrainConfig: data must be sample or full, not {self.data!r}")
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"TrainConfig: dtype must be auto, float32 or bfloat16, not {self.dtype!r}")
+
+    @property
+    def ckpt_path(self) -> Path:
+        return Path(self.ckpt) if self.ckpt else Path(self.out_dir) / "ckpt.pt"
 
 
 # Optimizers. A factory takes (model, TrainConfig) and returns a torch optimizer whose param groups
@@ -944,35 +1031,45 @@ def setup_distributed(tc: TrainConfig) -> tuple[int, int, torch.device]:
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "4090": 165e12}  # bf16 dense
 
 
-def train(cfg: GPTConfig, tc: TrainConfig, verbose: bool = True) -> dict:
-    """Train a GPT and return {"model", "tokenizer", "history", "final": {...}}.
+def train(cfg: GPTConfig, tc: TrainConfig, verbose: bool = True, *, model: Optional[nn.Module] = None,
+          batches: Optional[Callable] = None, probe: Optional[Callable] = None) -> dict:
+    """Train a GPT and return {"model", "tokenizer", "optimizer", "history", "final"}.
 
     Each iteration: [evaluate] -> one optimizer step over grad_accum micro-batches -> [checkpoint].
     The checkpoint after iteration i holds everything that influences iteration i+1 (weights,
-    optimizer moments, the data generator, RNG states), so --resume continues bit-for-bit."""
+    optimizer moments, the data generator, RNG states), so --resume continues bit-for-bit.
+
+    Other chapters reuse this loop through three hooks instead of copying it:
+      model:   train this module (e.g. a pretrained model with adapters) instead of a fresh GPT(cfg);
+               only its parameters with requires_grad are optimized.
+      batches: batches(gen, micro, accum, world, rank) -> (x, y) LongTensors (accum, micro, T) drawn
+               from the torch.Generator `gen` (saved in checkpoints): a different data source, e.g.
+               instruction data whose prompt targets are -1 (ignored by the loss).
+      probe:   probe(model, it) -> dict of extra figures, run at every evaluation and logged in history.
+    """
     rank, world, device = setup_distributed(tc)
     master = rank == 0
     log = (lambda *a: print(*a, flush=True)) if verbose and master else (lambda *a: None)
     if tc.num_threads:
         torch.set_num_threads(tc.num_threads)
-    if tc.max_iters <= 0 or tc.batch_size <= 0 or tc.grad_accum <= 0:
-        raise ValueError("max_iters, batch_size and grad_accum must be positive")
-    if tc.optimizer not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {tc.optimizer!r}; known: {sorted(OPTIMIZERS)} "
-                         "(muon.py registers muon when imported)")
+    make_optimizer = plugin("optimizer", tc.optimizer)
     use_bf16 = tc.dtype == "bfloat16" or (tc.dtype == "auto" and device.type == "cuda")
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)  # noqa: E731
+    ckpt_path = tc.ckpt_path
+    if not tc.resume and not tc.overwrite and ckpt_path.exists():
+        raise FileExistsError(f"{ckpt_path} already holds a checkpoint: continue it with --resume, train "
+                              "into another directory with --out_dir=DIR, or replace it with --overwrite")
 
     enc, kept = build_tokenizer(cfg.vocab_size)
     train_tokens, val_tokens = load_tokens("train", enc, tc.data), load_tokens("valid", enc, tc.data)
     byte_lengths = token_byte_lengths(enc)
 
     torch.manual_seed(tc.seed)
-    model = GPT(cfg).to(device)
-    optimizer = OPTIMIZERS[tc.optimizer](model, tc)
+    if model is None:
+        model = GPT(cfg)
+    model = model.to(device)
+    optimizer = make_optimizer(model, tc)
     data_gen = torch.Generator().manual_seed(tc.seed)
-    out_dir = Path(tc.out_dir)
-    ckpt_path = out_dir / "ckpt.pt"
     start, history = 0, []
     if tc.resume:
         state = read_checkpoint(ckpt_path, map_location=device)
@@ -985,6 +1082,10 @@ def train(cfg: GPTConfig, tc: TrainConfig, verbose: bool = True) -> dict:
         if state["rng"]["cuda"] and device.type == "cuda":
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         start, history = state["iter"], state["history"]
+        if start >= tc.max_iters:
+            log(f"nothing to do: {ckpt_path} is at iteration {start} = max_iters; "
+                "raise --max_iters to continue")
+            return dict(model=model, tokenizer=enc, optimizer=optimizer, history=history, final={})
         log(f"resumed from {ckpt_path} at iteration {start}")
     raw_model = model
     if tc.compile:
@@ -992,15 +1093,24 @@ def train(cfg: GPTConfig, tc: TrainConfig, verbose: bool = True) -> dict:
     if world > 1:
         model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
+    if batches is None:  # random windows of the token stream, the same for any split of the batch
+        def batches(gen, micro, accum, world, rank):
+            offsets = batch_offsets(gen, len(train_tokens), cfg.block_size, micro, accum, world, rank)
+            xy = [get_batch(train_tokens, o, cfg.block_size) for o in offsets]  # accum x (micro, T)
+            return torch.stack([x for x, _ in xy]), torch.stack([y for _, y in xy])
 
     tokens_per_iter = tc.batch_size * tc.grad_accum * world * cfg.block_size
-    n_params = raw_model.num_params()
+    n_params = raw_model.num_params() if isinstance(raw_model, GPT) else sum(p.numel() for p in
+                                                                               raw_model.parameters())
     flops_per_token = 6 * n_params + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size  # PaLM appendix B
     gpu_name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
     peak = next((v for k, v in PEAK_FLOPS.items() if k in gpu_name), None)
-    log(f"model: {n_params / 1e6:.2f}M parameters ({raw_model.num_params(True) / 1e6:.2f}M non-embedding), "
-        f"attention={cfg.attn_impl}, tokenizer {enc.name} ({enc.n_vocab} tokens)")
-    log(f"data: {len(train_tokens):,} train / {len(val_tokens):,} val tokens; {tokens_per_iter:,} tokens "
+    n_train = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
+    log(f"model: {n_params / 1e6:.2f}M parameters ({n_train / 1e6:.2f}M trained), "
+        f"attention={cfg.attn_impl}, mlp={cfg.mlp}, optimizer={tc.optimizer}, "
+        f"tokenizer {enc.name} ({enc.n_vocab} tokens)")
+    log(f"data: {len(train_tokens):,} train / {len(val_tokens):,} val tokens ({len(val_tokens) - 1:,} "
+        f"next-token targets); {tokens_per_iter:,} tokens "
         f"per iteration on {world} process(es), device {device}, {'bf16' if use_bf16 else 'fp32'}")
 
     def run_eval(max_tokens):  # the unwrapped model: ranks may run different numbers of batches
@@ -1008,24 +1118,28 @@ def train(cfg: GPTConfig, tc: TrainConfig, verbose: bool = True) -> dict:
                         rank, world, autocast)
 
     model.train()
-    stop = tc.stop_at if tc.stop_at else tc.max_iters  # stop < max_iters simulates an interruption
-    t_start, t_last, it = time.time(), time.time(), start
-    for it in range(start, min(stop, tc.max_iters)):
+    stop = min(tc.stop_at or tc.max_iters, tc.max_iters)  # stop < max_iters simulates an interruption
+    t_start = time.time()
+    t_train = history[-1].get("train_time", 0.0) if history else 0.0  # seconds in steps, no evaluation
+    t_last, it = time.time(), start
+    for it in range(start, stop):
         if it % tc.eval_interval == 0:
             t_eval = time.time()
             ev = run_eval(tc.eval_tokens)
-            history.append(dict(iter=it, val_loss=ev["loss"], val_bpb=ev["bpb"], time=time.time() - t_start))
-            log(f"iter {it}: val loss {ev['loss']:.4f}, {ev['bpb']:.4f} bits/byte")
+            extra = probe(raw_model, it) if probe is not None else {}
+            history.append(dict(iter=it, val_loss=ev["loss"], val_bpb=ev["bpb"], val_tokens=ev["tokens"],
+                                time=time.time() - t_start, train_time=t_train, **extra))
+            log(f"iter {it}: val loss {ev['loss']:.4f}, {ev['bpb']:.4f} bits/byte (first {ev['tokens']:,} "
+                "val tokens)" + "".join(f", {k} {v:.4g}" for k, v in extra.items()))
             t_last += time.time() - t_eval  # keep evaluation out of the tokens/s figure
+        t_step = time.time()
         lr_f = lr_factor(it, tc)
         for g in optimizer.param_groups:
             g["lr"] = g["initial_lr"] * lr_f
-        offsets = batch_offsets(data_gen, len(train_tokens), cfg.block_size, tc.batch_size, tc.grad_accum,
-                                world, rank)  # (accum, micro)
+        xs, ys = batches(data_gen, tc.batch_size, tc.grad_accum, world, rank)  # (accum, micro, T)
         loss_sum = 0.0
         for micro in range(tc.grad_accum):
-            x, y = get_batch(train_tokens, offsets[micro], cfg.block_size)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            x, y = xs[micro].to(device, non_blocking=True), ys[micro].to(device, non_blocking=True)
             last = micro == tc.grad_accum - 1
             # under DDP, all-reduce the gradients only once, on the last micro-batch
             sync = model.no_sync() if world > 1 and not last else contextlib.nullcontext()
@@ -1034,7 +1148,8 @@ def train(cfg: GPTConfig, tc: TrainConfig, verbose: bool = True) -> dict:
             (loss / tc.grad_accum).backward()  # gradients of the mean over all micro-batches
             loss_sum += loss.item()
         max_norm = tc.grad_clip if tc.grad_clip > 0 else math.inf  # inf: just measure the norm
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        params = [p for p in model.parameters() if p.grad is not None]
+        gnorm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         if not (math.isfinite(loss_sum) and math.isfinite(float(gnorm))):
             raise FloatingPointError(
                 f"non-finite loss ({loss_sum / tc.grad_accum}) or gradient norm ({float(gnorm)}) at "
@@ -1042,9 +1157,11 @@ def train(cfg: GPTConfig, tc: TrainConfig, verbose: bool = True) -> dict:
                 "if any) is untouched: lower --lr, raise --warmup_iters or set --grad_clip, then --resume")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        raw_model.after_optimizer_step()
+        if hasattr(raw_model, "after_optimizer_step"):
+            raw_model.after_optimizer_step()
+        t_train += time.time() - t_step
         done = it + 1
-        if done % tc.log_interval == 0 or done == tc.max_iters:
+        if done % tc.log_interval == 0 or done == stop:
             train_loss = loss_sum / tc.grad_accum
             if world > 1:
                 t = torch.tensor([train_loss], device=device)
@@ -1057,34 +1174,48 @@ def train(cfg: GPTConfig, tc: TrainConfig, verbose: bool = True) -> dict:
             mfu = f" | mfu {flops_per_token * tok_s / peak:.1%}" if peak else ""
             log(f"iter {done}/{tc.max_iters} | loss {train_loss:.4f} | lr {tc.lr * lr_f:.2e} | "
                 f"{tok_s / 1e3:.1f}k tok/s | ETA {int(eta // 60)}m{int(eta % 60):02d}s{mfu}")
-            history.append(dict(iter=done, train_loss=train_loss, time=time.time() - t_start, tok_s=tok_s))
+            history.append(dict(iter=done, train_loss=train_loss, time=time.time() - t_start,
+                                train_time=t_train, tok_s=tok_s))
             t_last = time.time()
         if master and done < tc.max_iters and (done % tc.ckpt_interval == 0 or done == stop):
             save_checkpoint(ckpt_path, raw_model, optimizer, cfg, tc, kept, done, data_gen, history)
     final = {}
-    if start < tc.max_iters <= stop:  # finished the schedule in this run
+    if stop == tc.max_iters:  # finished the schedule in this run
         ev = run_eval(0)  # the whole validation split
+        extra = probe(raw_model, tc.max_iters) if probe is not None else {}
         final = dict(val_loss=ev["loss"], val_bpb=ev["bpb"], val_tokens=ev["tokens"],
                      unigram_loss=unigram_entropy(np.asarray(val_tokens), enc.n_vocab),
-                     train_time=time.time() - t_start, iters=tc.max_iters)
-        history.append(dict(iter=tc.max_iters, val_loss=ev["loss"], val_bpb=ev["bpb"],
-                            time=time.time() - t_start))
-        log(f"final: val loss {ev['loss']:.4f} nats/token ({ev['bpb']:.4f} bits/byte) over all "
-            f"{ev['tokens']:,} val tokens; unigram baseline {final['unigram_loss']:.4f}; "
-            f"{final['train_time']:.0f}s")
+                     train_time=time.time() - t_start, step_time=t_train, iters=tc.max_iters, **extra)
+        history.append(dict(iter=tc.max_iters, val_loss=ev["loss"], val_bpb=ev["bpb"], val_tokens=ev["tokens"],
+                            time=time.time() - t_start, train_time=t_train, whole_split=True, **extra))
+        log(f"final: val loss {ev['loss']:.4f} nats/token ({ev['bpb']:.4f} bits/byte) over the whole val "
+            f"split ({ev['tokens']:,} next-token targets); unigram baseline {final['unigram_loss']:.4f}; "
+            f"{final['train_time']:.0f}s" + "".join(f"; {k} {v:.4g}" for k, v in extra.items()))
         if master:
             save_checkpoint(ckpt_path, raw_model, optimizer, cfg, tc, kept, tc.max_iters, data_gen, history)
-    return dict(model=raw_model, tokenizer=enc, history=history, final=final)
+    return dict(model=raw_model, tokenizer=enc, optimizer=optimizer, history=history, final=final)
 
 
 # -----------------------------------------------------------------------------------------------
 # Checkpoints and files: written atomically, loaded with weights_only=True (no code from a file).
 
 
-def save_checkpoint(path: Path, model: GPT, optimizer, cfg: GPTConfig, tc: TrainConfig, kept: list[int],
+def weights_digest(state_dict: dict) -> str:
+    """SHA-256 of every tensor's name, dtype, shape and bytes: detects a checkpoint whose weights were
+    damaged on disk (zip entries carry CRCs, but torch.load does not check them)."""
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        t = state_dict[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def save_checkpoint(path: Path, model: nn.Module, optimizer, cfg: GPTConfig, tc: TrainConfig, kept: list[int],
                     it: int, data_gen: torch.Generator, history: list) -> None:
+    weights = model.state_dict()
     state = dict(
-        model=model.state_dict(), optimizer=optimizer.state_dict(),
+        model=weights, digest=weights_digest(weights), optimizer=optimizer.state_dict(),
         model_config=dataclasses.asdict(cfg), train_config=dataclasses.asdict(tc),
         tokenizer=dict(kept_gpt2_ranks=kept), iter=it, history=history,
         rng=dict(torch=torch.get_rng_state(), data=data_gen.get_state(),
@@ -1094,29 +1225,51 @@ def save_checkpoint(path: Path, model: GPT, optimizer, cfg: GPTConfig, tc: Train
         torch.save(state, tmp)
 
 
+CHECKPOINT_KEYS = {"model", "optimizer", "model_config", "train_config", "tokenizer", "iter", "rng"}
+
+
 def read_checkpoint(path: Path | str, map_location="cpu") -> dict:
-    """Load a checkpoint dict with clear errors for a missing, corrupt or foreign file."""
+    """Load a checkpoint dict; a missing, damaged or foreign file gets one line saying what is wrong."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {path}: train one first (`python gpt.py "
                                 f"--out_dir={path.parent}`) or pass --ckpt=PATH")
+    size = path.stat().st_size
+    if size == 0:
+        raise RuntimeError(f"checkpoint {path} is empty (0 bytes): delete it and train again")
+    with open(path, "rb") as f:
+        if f.read(4) != b"PK\x03\x04":  # torch.save writes a zip archive
+            raise RuntimeError(f"checkpoint {path} is not a PyTorch checkpoint (not a zip archive)")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # truncated zip, random bytes, pickled code: all unreadable here
-        raise RuntimeError(f"checkpoint {path} is corrupt or not a gpt.py checkpoint ({e})") from e
-    need = {"model", "optimizer", "model_config", "train_config", "tokenizer", "iter", "rng"}
-    if not isinstance(state, dict) or not need <= state.keys():
-        raise RuntimeError(f"checkpoint {path} is not a gpt.py checkpoint (expected keys {sorted(need)})")
+    except pickle.UnpicklingError as e:
+        raise RuntimeError(f"checkpoint {path} holds objects other than tensors and plain values, which "
+                           f"weights_only=True refuses to load: {str(e).splitlines()[0]}") from e
+    except Exception as e:  # truncated or damaged zip
+        raise RuntimeError(f"checkpoint {path} ({size:,} bytes) is truncated or damaged: "
+                           f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+    if not isinstance(state, dict) or not CHECKPOINT_KEYS <= state.keys():
+        have = sorted(state) if isinstance(state, dict) else type(state).__name__
+        raise RuntimeError(f"checkpoint {path} is not a gpt.py checkpoint: expected the keys "
+                           f"{sorted(CHECKPOINT_KEYS)}, found {have}")
+    if "digest" in state and weights_digest(state["model"]) != state["digest"]:
+        raise RuntimeError(f"checkpoint {path} is damaged: its weights do not match the digest stored "
+                           "when it was written; restore it from a copy or train again")
     return state
 
 
-def load_model(path: Path | str, device="cpu", config_cls: type = GPTConfig
-               ) -> tuple[GPT, tiktoken.Encoding, dict]:
-    """A trained model (eval mode), its tokenizer and the raw checkpoint, from a checkpoint file.
-    `config_cls` is the config dataclass the model was trained with (moe.py passes MoEConfig)."""
+def model_config_from_dict(d: dict) -> GPTConfig:
+    """The model config stored in a checkpoint, as the class that has all its fields: GPTConfig or the
+    extension of the plug-ins it names (an MoE checkpoint's config holds MoEConfig's fields)."""
+    cls, _ = config_classes({k: d[k] for k in PROVIDERS if k in d and k in GPTConfig.__dataclass_fields__})
+    return cls(**d)
+
+
+def load_model(path: Path | str, device="cpu") -> tuple[GPT, tiktoken.Encoding, dict]:
+    """A trained model (eval mode), its tokenizer and the raw checkpoint, from a checkpoint file."""
     state = read_checkpoint(path, map_location=device)
     try:
-        cfg = config_cls(**state["model_config"])
+        cfg = model_config_from_dict(state["model_config"])
     except (TypeError, ValueError) as e:
         raise RuntimeError(f"checkpoint {path} has an invalid model config ({e})") from e
     model = GPT(cfg).to(device)
@@ -1151,14 +1304,73 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 class SampleConfig:
     """Sampling (`--sample`) and the stories printed after training."""
 
-    ckpt: str = "out/ckpt.pt"
     prompt: str = "Once upon a time"
-    num_samples: int = 3
+    num_samples: int = 3  # stories to sample
     max_new_tokens: int = 300
-    temperature: float = 0.8  # 0 = greedy
+    temperature: float = 0.8  # softmax temperature; 0 = greedy
     top_k: int = 0  # keep the k most likely tokens; 0 = off
     top_p: float = 0.95  # nucleus sampling: smallest set with this much probability; 1 = off
     sample_seed: int = 42
+
+    def __post_init__(self):
+        check_sampling(self.temperature, self.top_k, self.top_p)
+        if self.num_samples < 1 or self.max_new_tokens < 1:
+            raise ValueError(f"num_samples and max_new_tokens must be >= 1, got {self.num_samples} and "
+                             f"{self.max_new_tokens}")
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Each dataclass field's comment in the source (`name: type = default  # comment`, with any
+    comment lines right below it): --help shows the text written once beside the field."""
+    docs: dict[str, str] = {}
+    for c in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(c):
+            continue
+        try:
+            lines = inspect.getsource(c).splitlines()
+        except (OSError, TypeError):  # made at run time (config_classes): its bases have the comments
+            continue
+        name = None
+        for line in lines:
+            field = re.match(r"\s+(\w+): [^=]+=.*?(?:  # (.*))?$", line)
+            more = re.match(r"\s+#\s+(.*)$", line)
+            if field:
+                name = field.group(1)
+                docs[name] = field.group(2) or ""
+            elif more and name:
+                docs[name] += " " + more.group(1)
+            else:
+                name = None
+    return docs
+
+
+def run_it(doc: Optional[str]) -> str:
+    """The "Run it" block of a module docstring: the example commands --help shows."""
+    m = re.search(r"^Run it.*\n((?:[ \t]+.*\n|\n(?=[ \t]))+)", doc or "", re.M)
+    return "examples:\n" + m.group(1).rstrip() + "\n" if m else ""
+
+
+def help_text(prog: str, sections: list[tuple[str, type]], doc: Optional[str] = None,
+              extra: Optional[list[tuple[str, str]]] = None) -> str:
+    """Usage, the docstring's "Run it" examples, then every flag with its type, default and comment."""
+    out = [f"usage: python {prog} [--key=value ...]\n", run_it(doc)]
+    for title, cls in sections:
+        out.append(f"{title}:")
+        docs, hints = field_docs(cls), typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            flag = f"--{f.name}={f.default}"
+            out.append(f"  {flag:<34} {hints[f.name].__name__:<5}  {docs.get(f.name, '')}".rstrip())
+        out.append("")
+    for flag, text in extra or []:
+        out.append(f"  {flag:<34} {text}")
+    return "\n".join(out).rstrip() + "\n"
+
+
+def wants_help(argv: list[str]) -> bool:
+    return any(a in ("--help", "-h") for a in argv)
+
+
+_TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
 
 
 def _parse_value(name: str, text: str, typ):
@@ -1171,42 +1383,61 @@ def _parse_value(name: str, text: str, typ):
             raise ValueError
         return typ(text)
     except ValueError:
-        raise ValueError(f"--{name}={text!r}: expected a {typ.__name__}") from None
+        raise ValueError(f"--{name}={text!r}: expected {_TYPE_WORDS.get(typ, typ.__name__)}") from None
 
 
 def _unknown_option(key: str, known: list[str]) -> ValueError:
     close = difflib.get_close_matches(key, known, n=3)
     hint = f"; did you mean {', '.join('--' + c for c in close)}?" if close else ""
-    return ValueError(f"unknown option --{key}{hint}")
+    return ValueError(f"unknown option --{key}{hint} (--help lists them all)")
 
 
-def config_from_args(cls, argv: list[str]):
-    """An instance of dataclass `cls` from `--key=value` flags: the demos of the other files use it."""
+def _split(arg: str) -> tuple[str, str]:
+    if not arg.startswith("--"):
+        raise ValueError(f"unexpected argument {arg!r}: options look like --key=value (--help lists them)")
+    key, _, text = arg[2:].partition("=")
+    return key, text
+
+
+def config_from_args(cls: type, argv: list[str], doc: Optional[str] = None, prog: str = ""):
+    """An instance of dataclass `cls` from `--key=value` flags: every demo's command line. --help / -h
+    prints the flags (with the comments written beside the fields) and the module's "Run it" examples."""
+    if wants_help(argv):
+        main_mod = sys.modules.get("__main__")
+        print(help_text(prog or Path(sys.argv[0]).name, [("options", cls)],
+                        doc if doc is not None else getattr(main_mod, "__doc__", None)))
+        raise SystemExit(0)
     hints = typing.get_type_hints(cls)
     kw = {}
     for arg in argv:
-        if not arg.startswith("--"):
-            raise ValueError(f"unexpected argument {arg!r}: options look like --key=value")
-        key, _, text = arg[2:].partition("=")
+        key, text = _split(arg)
         if key not in hints:
             raise _unknown_option(key, list(hints))
         kw[key] = _parse_value(key, text, hints[key])
     return cls(**kw)
 
 
-def parse_args(argv: list[str], config_cls: Optional[type] = None
-               ) -> tuple[GPTConfig, TrainConfig, SampleConfig, bool]:
-    """Parse `--key=value` overrides (and --preset=NAME, --sample) into the three configs.
-    `config_cls` is the model config (a GPTConfig subclass such as moe.MoEConfig; default GPTConfig)."""
-    config_cls = config_cls or GPTConfig
-    kinds = {c: {f.name: typing.get_type_hints(c)[f.name] for f in dataclasses.fields(c)}
-             for c in (config_cls, TrainConfig, SampleConfig)}
+def parse_args(argv: list[str]) -> tuple[GPTConfig, TrainConfig, SampleConfig, bool]:
+    """gpt.py's command line: `--key=value` for any field of the model, training and sampling configs,
+    plus --preset=NAME and --sample. A plug-in named by --attn_impl / --mlp / --optimizer is imported,
+    and its options (CONFIG_CLASSES) become flags too: `--mlp=moe --n_experts=32`."""
+    names = {}
+    for arg in argv:
+        key, text = _split(arg) if arg.startswith("--") else ("", "")
+        if key in PROVIDERS:
+            names[key] = text
+    model_cls, train_cls = config_classes(names)
+    if wants_help(argv):
+        print(help_text("gpt.py", [("model", model_cls), ("training", train_cls), ("sampling", SampleConfig)],
+                        __doc__, [("--preset=llama", f"start from a preset: {', '.join(PRESETS)}"),
+                                  ("--sample", "sample from --ckpt instead of training")]))
+        raise SystemExit(0)
+    kinds = {c: typing.get_type_hints(c) for c in (model_cls, train_cls, SampleConfig)}
+    kinds = {c: {f.name: hints[f.name] for f in dataclasses.fields(c)} for c, hints in kinds.items()}
     values = {c: {} for c in kinds}
     sample, preset = False, "llama"
     for arg in argv:
-        if not arg.startswith("--"):
-            raise ValueError(f"unexpected argument {arg!r}: options look like --key=value")
-        key, _, text = arg[2:].partition("=")
+        key, text = _split(arg)
         if key == "sample":
             sample = _parse_value(key, text, bool)
             continue
@@ -1218,12 +1449,11 @@ def parse_args(argv: list[str], config_cls: Optional[type] = None
         owner = next((c for c, f in kinds.items() if key in f), None)
         if owner is None:
             raise _unknown_option(key, [k for f in kinds.values() for k in f] + ["sample", "preset"])
-        typ = kinds[owner][key]
-        values[owner][key] = _parse_value(key, text, typ)
+        values[owner][key] = _parse_value(key, text, kinds[owner][key])
     model_kw = dict(PRESETS[preset])
-    model_kw.update(values[config_cls])
-    cfg = config_cls(**model_kw)
-    return cfg, TrainConfig(**values[TrainConfig]), SampleConfig(**values[SampleConfig]), sample
+    model_kw.update(values[model_cls])
+    return (model_cls(**model_kw), train_cls(**values[train_cls]), SampleConfig(**values[SampleConfig]),
+            sample)
 
 
 def print_samples(model: GPT, enc: tiktoken.Encoding, sc: SampleConfig) -> list[str]:
@@ -1237,26 +1467,64 @@ def print_samples(model: GPT, enc: tiktoken.Encoding, sc: SampleConfig) -> list[
     return stories
 
 
-def plot_history(history: list, path: Path, title: str) -> None:
+# Plots. The docs show the figures of the documented demo commands, so only those runs write assets/;
+# any other run (fewer steps, another model) writes its plots into its own output directory.
+
+
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (no display needed): every demo's plots."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
+
+
+def save_figure(fig, path: Path, dpi: int = 120) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
+    return path
+
+
+def is_default(cfg, ignore: tuple[str, ...] = ()) -> bool:
+    """True when dataclass `cfg` holds its class defaults, the fields in `ignore` aside."""
+    base = type(cfg)()
+    return all(getattr(cfg, f.name) == getattr(base, f.name) for f in dataclasses.fields(cfg)
+               if f.name not in ignore)
+
+
+def plot_path(name: str, documented: bool, out_dir: str | Path, plot: str = "auto") -> Optional[Path]:
+    """Where a plot goes: `plot` = "auto" -> assets/NAME for the documented run, out_dir/NAME for any
+    other; "" -> nowhere (None); anything else is the path itself."""
+    if plot != "auto":
+        return Path(plot) if plot else None
+    return ROOT / "assets" / name if documented else Path(out_dir) / name
+
+
+# Fields that do not change what a run computes: a run that differs only in these is still the documented one.
+RUN_ONLY_FIELDS = ("out_dir", "ckpt", "plot", "overwrite", "resume", "num_threads", "log_interval", "device")
+
+
+def plot_history(history: list, path: Path, title: str) -> None:
+    plt = pyplot()
     tr = [(h["iter"], h["train_loss"]) for h in history if "train_loss" in h]
-    va = [(h["iter"], h["val_loss"]) for h in history if "val_loss" in h]
+    sub = [(h["iter"], h["val_loss"]) for h in history if "val_loss" in h and not h.get("whole_split")]
+    whole = [(h["iter"], h["val_loss"]) for h in history if h.get("whole_split")]
     fig, ax = plt.subplots(figsize=(6, 4))
     if tr:
-        ax.plot(*zip(*tr), label="train loss")
-    if va:
-        ax.plot(*zip(*va), "o-", label="val loss")
+        ax.plot(*zip(*tr), label="train loss (last batch)")
+    if sub:
+        n = next(h.get("val_tokens") for h in history if "val_loss" in h and not h.get("whole_split"))
+        ax.plot(*zip(*sub), "o-", label=f"val loss, first {n:,} val tokens" if n else "val loss")
+    if whole:
+        ax.plot(*zip(*whole), "*", ms=12, label="val loss, whole split")
     ax.set_xlabel("iteration")
     ax.set_ylabel("loss (nats/token)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: list[str]) -> None:
@@ -1264,7 +1532,7 @@ def main(argv: list[str]) -> None:
         cfg, tc, sc, sample = parse_args(argv)
         if sample:
             device = "cuda" if torch.cuda.is_available() and tc.device in ("auto", "cuda") else "cpu"
-            model, enc, _ = load_model(sc.ckpt, device)
+            model, enc, _ = load_model(tc.ckpt_path, device)
             print_samples(model, enc, sc)
             return
         result = train(cfg, tc)
@@ -1276,10 +1544,13 @@ def main(argv: list[str]) -> None:
         print("|---|---|---|---|")
         print(f"| {f['val_loss']:.4f} | {f['val_bpb']:.4f} | {f['unigram_loss']:.4f} | "
               f"{f['train_time']:.0f} s |\n")
-        if tc.plot:
-            plot_history(result["history"], ROOT / tc.plot,
-                         f"gpt.py: {cfg.n_layer} layers, C={cfg.n_embd}, "
-                         f"{result['model'].num_params() / 1e6:.1f}M params, {tc.max_iters} steps")
+        documented = is_default(cfg) and is_default(tc, RUN_ONLY_FIELDS)
+        path = plot_path("gpt_loss.png" if documented else "loss.png", documented, tc.out_dir, tc.plot)
+        if path:
+            n_params = sum(p.numel() for p in result["model"].parameters())
+            plot_history(result["history"], path, f"gpt.py: {cfg.n_layer} layers, C={cfg.n_embd}, "
+                         f"{n_params / 1e6:.1f}M params, {tc.max_iters} steps")
+            print(f"plot: {path}")
         print_samples(result["model"], result["tokenizer"], sc)
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -27,9 +27,10 @@ References
 
 Run it
     python moe.py                          # dense vs MoE, the balancing variants, zero experts (~17 min)
-    python moe.py --max_iters=100 --variants=dense,aux_free
-    python moe.py train --n_experts=32 --top_k=4 --max_iters=2000   # gpt.train on an MoE model
-    torchrun --standalone --nproc_per_node=2 moe.py train           # the same, data-parallel
+    python moe.py --max_iters=100 --variants=dense,aux_free   # a quick look (~1 min)
+    python gpt.py --mlp=moe --n_experts=32 --top_k=4 --max_iters=2000   # gpt.py's training, MoE model
+    python moe.py train --n_experts=32      # the same as gpt.py --mlp=moe
+    torchrun --standalone --nproc_per_node=2 gpt.py --mlp=moe           # data-parallel
 
 Not covered: expert parallelism (all-to-all between devices) and its communication overlap (LongCat's
 shortcut-connected MoE), device-limited routing, token-choice vs expert-choice routing, fused
@@ -40,7 +41,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -372,12 +372,16 @@ class MoE(nn.Module):
 def moe_ffn(cfg: MoEConfig, layer: Optional[int] = None) -> nn.Module:
     """The MLPS["moe"] entry (gpt.Block calls it with its layer index): the dense SwiGLU for the
     first n_dense_layers layers (DeepSeek-V3 keeps its first 3 dense), an MoE after that."""
+    if not isinstance(cfg, MoEConfig):
+        raise ValueError("mlp='moe' needs the MoE options: build the model from a moe.MoEConfig "
+                         "(`python gpt.py --mlp=moe` does that for you)")
     if layer is not None and layer < cfg.n_dense_layers:
         return gpt.SwiGLU(cfg)  # width cfg.hidden_size, the dense model's MLP
     return MoE(cfg, layer)
 
 
 gpt.MLPS["moe"] = moe_ffn
+gpt.CONFIG_CLASSES["moe"] = MoEConfig  # `python gpt.py --mlp=moe --n_experts=32` knows these options
 
 
 def moe_layers(model: nn.Module) -> list[MoE]:
@@ -392,11 +396,6 @@ def active_params(model: gpt.GPT) -> int:
         per_expert = m.experts.w1[0].numel() * 3
         n -= per_expert * (m.cfg.n_experts - (m.cfg.target_real_experts or m.cfg.top_k))
     return int(n)
-
-
-def load_model(path, device="cpu") -> tuple[gpt.GPT, object, dict]:
-    """gpt.load_model for MoE checkpoints (their config has the MoE fields GPTConfig lacks)."""
-    return gpt.load_model(path, device, MoEConfig)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -418,7 +417,7 @@ class DemoConfig:
     score: str = "sigmoid"
     routed_scaling: float = 3.0  # = top_k: the K normalised weights then sum to K, as the dense sum of
     #   K experts would (DeepSeek-V3's 2.5 does the same job). At 1.0 the routed output is an average,
-    #   a third as large, and the experts learn a third as fast: val loss 3.76 vs dense 3.52 (measured)
+    #   a third as large, and the experts learn a third as fast (docs/moe.md has the measured gap)
     bias_gamma: float = 3e-3  # aux-free bias speed; DeepSeek-V3's 1e-3 is the aux_free_paper variant.
     #   Why faster here: the bias must outrun the router's own drift, and our router learns with
     #   AdamW at lr 6e-3 (DeepSeek-V3: 2.2e-4, 27x slower) for 600 steps (theirs: ~10^5 steps).
@@ -428,7 +427,8 @@ class DemoConfig:
     batch_size: int = 8
     lr: float = 6e-3
     seed: int = 1337
-    num_threads: int = 0
+    num_threads: int = 0  # torch CPU threads; 0 = torch's default
+    out_dir: str = "out/moe"  # each variant's run, and the plots of runs other than the documented one
 
 
 VARIANTS: dict[str, Optional[dict]] = {
@@ -523,7 +523,7 @@ def run_variant(name: str, dc: DemoConfig) -> dict:
     cfg = variant_config(name, dc)
     tc = gpt.TrainConfig(batch_size=dc.batch_size, max_iters=dc.max_iters, warmup_iters=dc.max_iters // 10,
                          lr=dc.lr, eval_interval=10**9, eval_tokens=4096, log_interval=25, seed=dc.seed,
-                         out_dir=str(ROOT / "out" / "moe_demo" / name), ckpt_interval=10**9,
+                         out_dir=str(Path(dc.out_dir) / name), ckpt_interval=10**9, overwrite=True,
                          num_threads=dc.num_threads)
     r = gpt.train(cfg, tc, verbose=False)
     model, hist = r["model"], r["history"]
@@ -566,9 +566,7 @@ def zero_expert_report(res: dict, val_tokens: np.ndarray, n_windows: int = 64) -
 
 
 def plot_demo(results: list[dict], path_load: Path, path_loss: Path, zero: Optional[dict]) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = gpt.pyplot()
     moes = [r for r in results if r["logs"]]
     if moes:
         fig, axes = plt.subplots(len(moes), 1, figsize=(9, 2.2 * len(moes)), squeeze=False)
@@ -583,10 +581,7 @@ def plot_demo(results: list[dict], path_load: Path, path_loss: Path, zero: Optio
             ax.set_ylabel("expert")
             fig.colorbar(im, ax=ax, fraction=0.02)
         axes[-1, 0].set_xlabel("training step")
-        fig.tight_layout()
-        path_load.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path_load, dpi=110)
-        plt.close(fig)
+        gpt.save_figure(fig, path_load, dpi=110)
     ncol = 2 if zero else 1
     fig, axes = plt.subplots(1, ncol, figsize=(5.5 * ncol, 3.8), squeeze=False)
     ax = axes[0, 0]
@@ -610,13 +605,11 @@ def plot_demo(results: list[dict], path_load: Path, path_loss: Path, zero: Optio
         ax.set_title(f"zero experts: {K} picks, Z={r['cfg'].n_zero_experts}", fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path_loss, dpi=110)
-    plt.close(fig)
+    gpt.save_figure(fig, path_loss, dpi=110)
 
 
 def parse_demo_args(argv: list[str]) -> DemoConfig:
-    dc = gpt.config_from_args(DemoConfig, argv)
+    dc = gpt.config_from_args(DemoConfig, argv, __doc__, "moe.py")
     unknown = [v for v in dc.variants.split(",") if v not in VARIANTS]
     if unknown:
         raise ValueError(f"unknown variants {unknown}; known: {sorted(VARIANTS)}")
@@ -675,26 +668,14 @@ def main(argv: list[str]) -> None:
 
         print(f"fewest real experts (tokens seen >= 20 times): {show(rep['fewest'])}")
         print(f"most real experts: {show(rep['most'])}")
-    plot_demo(results, ROOT / "assets" / "moe_load.png", ROOT / "assets" / "moe_loss.png", zero)
-    print("\nplots: assets/moe_load.png, assets/moe_loss.png")
-
-
-def train_main(argv: list[str]) -> None:
-    """`python moe.py train [MoEConfig / TrainConfig flags]`: gpt.train on an MoE model, e.g. under
-    torchrun (each rank routes its own micro-batch; the bias update all-reduces the loads)."""
-    try:
-        cfg, tc, _, _ = gpt.parse_args(argv, MoEConfig)
-        result = gpt.train(cfg, tc)
-    except (ValueError, OSError, RuntimeError, FloatingPointError) as e:
-        sys.exit(f"error: {e}")
-    if int(os.environ.get("RANK", "0")) == 0 and result["final"]:
-        print(f"final val loss {result['final']['val_loss']:.4f}")
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    documented = gpt.is_default(dc, ("num_threads", "out_dir"))
+    paths = [gpt.plot_path(name, documented, dc.out_dir) for name in ("moe_load.png", "moe_loss.png")]
+    plot_demo(results, *paths, zero)
+    print(f"\nplots: {paths[0]}, {paths[1]}")
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["train"]:
-        train_main(sys.argv[2:])
+    if sys.argv[1:2] == ["train"]:  # gpt.py's command line with the MoE chosen: the same as gpt.py --mlp=moe
+        gpt.main(["--mlp=moe"] + sys.argv[2:])
     else:
         main(sys.argv[1:])

@@ -21,10 +21,10 @@ References
 
 Run it
     python muon.py                        # the demo: AdamW vs Muon race, NS cost, SVD entropy, QK-Clip
-    python muon.py --steps=150            # any DemoConfig field as --key=value
-    python muon.py train --lr=6e-3        # gpt.py's training loop with --optimizer=muon (gpt.py flags)
-    torchrun --standalone --nproc_per_node=2 muon.py train   # DDP: Newton-Schulz split across ranks
-    python gpt.py --optimizer=muon        # does *not* work: only `import muon` registers it
+    python muon.py --steps=40 --adamw_lrs=6e-3 --muon_lrs=6e-3 --clip_steps=20   # a quick look
+    python gpt.py --optimizer=muon --qk_clip_tau=100   # gpt.py's training with MuonClip
+    python muon.py train --lr=6e-3        # the same as gpt.py --optimizer=muon
+    torchrun --standalone --nproc_per_node=2 gpt.py --optimizer=muon   # DDP: Newton-Schulz split across ranks
 
 Not covered: Muon's theory beyond a paragraph (see Bernstein & Newhouse), the ZeRO-1 sharded
 momentum of Moonlight's distributed version (here every rank keeps all momentum buffers and only the
@@ -34,9 +34,7 @@ Express / other coefficient schedules, and learning-rate transfer across widths 
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
 import sys
 import tempfile
 import time
@@ -51,36 +49,6 @@ import torch.nn as nn
 import gpt
 
 ROOT = Path(__file__).resolve().parent
-
-
-# -----------------------------------------------------------------------------------------------
-# Configuration of the demo (`python muon.py --key=value`). The optimizer's own hyperparameters are
-# arguments of Muon / make_muon below, with the published defaults.
-
-
-@dataclass
-class DemoConfig:
-    """The race: a tiny GPT trained by AdamW and by Muon on the same tokens, each at its best LR."""
-
-    n_layer: int = 4
-    n_embd: int = 128  # C
-    n_head: int = 4  # nh
-    n_kv_head: int = 2  # nkv (GQA, like gpt.py's default)
-    block_size: int = 128  # T: half gpt.py's default, so the demo fits in minutes on a CPU
-    batch_size: int = 8  # windows per step: 1,024 tokens
-    steps: int = 150  # optimizer steps of every run (warmup + cosine)
-    warmup: int = 15
-    adamw_lrs: str = "3e-3,6e-3,1.2e-2"  # the grid each optimizer picks its learning rate from
-    muon_lrs: str = "3e-3,6e-3,1.2e-2"  # Moonlight scaling: AdamW-sized rates are the right range
-    eval_interval: int = 25  # steps between validation evaluations
-    eval_tokens: int = 8192  # the first this many val tokens: the curves, LR choice, steps-to-target
-    clip_lr: float = 0.05  # the "aggressive" learning rate of the QK-Clip experiment
-    clip_steps: int = 80
-    tau: float = 0.0  # QK-Clip threshold of the experiment; 0 = half the unclipped run's peak logit
-    # (K2 uses 100; a model this small never gets there, so the default gives the clip work to do)
-    timing_reps: int = 20  # repetitions when timing one optimizer step
-    seed: int = 1337
-    num_threads: int = 0  # torch CPU threads; 0 = torch's default
 
 
 # -----------------------------------------------------------------------------------------------
@@ -342,8 +310,10 @@ class Muon(torch.optim.Optimizer):
         """Newton-Schulz of every update in `work`; under torch.distributed each rank does its share."""
         distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         world, rank = (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)
-        # NS cost of an (m, n) matrix, m <= n: steps * (2 m^2 n + m^3) multiply-adds
-        costs = [u.numel() * min(u.shape[0], u.numel() // u.shape[0]) for _, _, u in work]
+        # NS cost of an (m, n) matrix, m <= n: steps * (2 m^2 n + m^3) multiply-adds (X X^T is m^2 n,
+        # A^2 is m^3, (bA + cA^2) X is m^2 n); the steps are the same for all, so they drop out
+        shapes = [sorted((u.shape[0], u.numel() // u.shape[0])) for _, _, u in work]
+        costs = [2 * m * m * n + m ** 3 for m, n in shapes]
         owner = assign_owners(costs, world)
         out: list[Optional[torch.Tensor]] = [None] * len(work)
         for i, (p, g, u) in enumerate(work):
@@ -417,93 +387,97 @@ def split_params(model: nn.Module) -> tuple[list, list, list]:
     return hidden, embed, vectors
 
 
-def make_muon(model: nn.Module, tc: gpt.TrainConfig, *, adjust_lr_fn: str = "match_rms_adamw",
-              momentum: float = 0.95, ns_steps: int = NS_STEPS, qk_clip_tau: float = 100.0) -> Muon:
+@dataclass
+class MuonConfig(gpt.TrainConfig):
+    """gpt.py's TrainConfig plus Muon's options: `python gpt.py --optimizer=muon --qk_clip_tau=50`."""
+
+    optimizer: str = "muon"
+    muon_momentum: float = 0.95  # mu of the momentum EMA (Jordan 2024; Moonlight)
+    ns_steps: int = NS_STEPS  # Newton-Schulz iterations per update
+    adjust_lr_fn: str = "match_rms_adamw"  # match_rms_adamw (Moonlight eq. 4) | original (Jordan)
+    qk_clip_tau: float = 100.0  # MuonClip threshold on the max attention logit (Kimi K2: 100); 0 = off
+
+
+def make_muon(model: nn.Module, tc: gpt.TrainConfig) -> Muon:
     """gpt.OPTIMIZERS["muon"]: Muon on hidden matrices, AdamW on the rest, one learning rate (tc.lr)
     for both - Moonlight's scaling makes AdamW's rate right for Muon too. With qk_clip_tau > 0 it is
-    MuonClip: QK-Clip after every step (K2 uses tau = 100); 0 turns it off (no extra logit work)."""
+    MuonClip: QK-Clip after every step (K2 uses tau = 100); 0 turns it off (no extra logit work).
+    Muon's options come from a MuonConfig; a plain TrainConfig gets MuonConfig's defaults."""
+    mc = tc if isinstance(tc, MuonConfig) else MuonConfig()
     hidden, embed, vectors = split_params(model)
     groups = [dict(params=hidden, use_muon=True, weight_decay=tc.weight_decay, initial_lr=tc.lr),
               dict(params=embed, use_muon=False, weight_decay=tc.weight_decay, initial_lr=tc.lr),
               dict(params=vectors, use_muon=False, weight_decay=0.0, initial_lr=tc.lr)]
-    clip = QKClip(model, qk_clip_tau) if qk_clip_tau > 0 else None
-    return Muon([g for g in groups if g["params"]], lr=tc.lr, momentum=momentum, ns_steps=ns_steps,
-                adjust_lr_fn=adjust_lr_fn, betas=(tc.beta1, tc.beta2), qk_clip=clip)
+    clip = QKClip(model, mc.qk_clip_tau) if mc.qk_clip_tau > 0 else None
+    return Muon([g for g in groups if g["params"]], lr=tc.lr, momentum=mc.muon_momentum,
+                ns_steps=mc.ns_steps, adjust_lr_fn=mc.adjust_lr_fn, betas=(tc.beta1, tc.beta2), qk_clip=clip)
 
 
 gpt.OPTIMIZERS["muon"] = make_muon
+gpt.CONFIG_CLASSES["muon"] = MuonConfig
 
 
 # -----------------------------------------------------------------------------------------------
 # The demo: tune, race, measure.
 
 
-@contextlib.contextmanager
-def muon_factory(**kw):
-    """Make gpt.train build Muon with these make_muon options; yields the list of optimizers built."""
-    built, old = [], gpt.OPTIMIZERS["muon"]
+@dataclass
+class DemoConfig:
+    """The race: a tiny GPT trained by AdamW and by Muon on the same tokens, each at its best LR."""
 
-    def factory(model, tc):
-        built.append(make_muon(model, tc, **kw))
-        return built[-1]
-
-    gpt.OPTIMIZERS["muon"] = factory
-    try:
-        yield built
-    finally:
-        gpt.OPTIMIZERS["muon"] = old
-
-
-@contextlib.contextmanager
-def timed_evaluate():
-    """Record the seconds of each evaluation gpt.train runs, so the wall-clock axis shows training only."""
-    durations, original = [], gpt.evaluate
-
-    def wrapper(*a, **k):
-        t = time.perf_counter()
-        try:
-            return original(*a, **k)
-        finally:
-            durations.append(time.perf_counter() - t)
-
-    gpt.evaluate = wrapper
-    try:
-        yield durations
-    finally:
-        gpt.evaluate = original
+    n_layer: int = 4
+    n_embd: int = 128  # C
+    n_head: int = 4  # nh
+    n_kv_head: int = 2  # nkv (GQA, like gpt.py's default)
+    block_size: int = 128  # T: half gpt.py's default, so the demo fits in minutes on a CPU
+    batch_size: int = 8  # windows per step: 1,024 tokens
+    steps: int = 150  # optimizer steps of every run (warmup + cosine)
+    warmup: int = 15
+    adamw_lrs: str = "3e-3,6e-3,1.2e-2"  # the grid each optimizer picks its learning rate from
+    muon_lrs: str = "3e-3,6e-3,1.2e-2"  # Moonlight scaling: AdamW-sized rates are the right range
+    eval_interval: int = 25  # steps between validation evaluations
+    eval_tokens: int = 8192  # the first this many val tokens: the curves, LR choice, steps-to-target
+    clip_lr: float = 0.05  # the "aggressive" learning rate of the QK-Clip experiment
+    clip_steps: int = 80
+    tau: float = 0.0  # QK-Clip threshold of the experiment; 0 = half the unclipped run's peak logit
+    # (K2 uses 100; a model this small never gets there, so the default gives the clip work to do)
+    timing_reps: int = 20  # repetitions when timing one optimizer step
+    seed: int = 1337
+    num_threads: int = 0  # torch CPU threads; 0 = torch's default
+    out_dir: str = "out/muon"  # plots of runs other than the documented default go here
 
 
-def demo_configs(dc: DemoConfig, optimizer: str, lr: float, steps: int, out_dir: str):
+def demo_configs(dc: DemoConfig, optimizer: str, lr: float, steps: int, out_dir: str,
+                 qk_clip_tau: float = 0.0) -> tuple[gpt.GPTConfig, MuonConfig]:
     """gpt.py configs for one demo run. gpt.train evaluates the whole val split (179k tokens) when a
     schedule ends, which costs more than a short run here; so we run a schedule of steps + 1 and
     stop after `steps` (stop_at), and evaluate ourselves: the last learning rate differs by <0.1%."""
     cfg = gpt.GPTConfig(n_layer=dc.n_layer, n_embd=dc.n_embd, n_head=dc.n_head, n_kv_head=dc.n_kv_head,
                         block_size=dc.block_size)
-    tc = gpt.TrainConfig(batch_size=dc.batch_size, max_iters=steps + 1, stop_at=steps,
-                         warmup_iters=min(dc.warmup, steps // 5), lr=lr, optimizer=optimizer,
-                         eval_interval=dc.eval_interval, eval_tokens=dc.eval_tokens, log_interval=steps,
-                         seed=dc.seed, out_dir=out_dir, ckpt_interval=10 ** 9, num_threads=dc.num_threads)
+    tc = MuonConfig(batch_size=dc.batch_size, max_iters=steps + 1, stop_at=steps,
+                    warmup_iters=min(dc.warmup, steps // 5), lr=lr, optimizer=optimizer,
+                    eval_interval=dc.eval_interval, eval_tokens=dc.eval_tokens, log_interval=steps,
+                    seed=dc.seed, out_dir=out_dir, ckpt_interval=10 ** 9, num_threads=dc.num_threads,
+                    qk_clip_tau=qk_clip_tau)
     return cfg, tc
 
 
 def run(dc: DemoConfig, optimizer: str, lr: float, out_dir: str, steps: Optional[int] = None,
-        **muon_kw) -> dict:
+        qk_clip_tau: float = 0.0) -> dict:
     """One gpt.train run; returns its val curve on the first eval_tokens val tokens (step, loss,
     training seconds with evaluation excluded) and the trained model."""
     steps = steps or dc.steps
-    cfg, tc = demo_configs(dc, optimizer, lr, steps, out_dir)
-    with muon_factory(**muon_kw) as built, timed_evaluate() as eval_s:
-        res = gpt.train(cfg, tc, verbose=False)
+    cfg, tc = demo_configs(dc, optimizer, lr, steps, out_dir, qk_clip_tau)
+    res = gpt.train(cfg, tc, verbose=False)
     enc, hist = res["tokenizer"], res["history"]
-    # history times are seconds since training began, taken after each evaluation: subtract them
-    evals = [h for h in hist if "val_loss" in h]
-    pts = [(h["iter"], h["val_loss"], h["time"] - sum(eval_s[:k + 1])) for k, h in enumerate(evals)]
-    train_s = next(h["time"] for h in hist if h.get("iter") == steps and "train_loss" in h) - sum(eval_s)
+    # train_time: seconds spent in optimizer steps so far, evaluations excluded
+    pts = [(h["iter"], h["val_loss"], h["train_time"]) for h in hist if "val_loss" in h]
+    train_s = hist[-1]["train_time"]
     val = gpt.load_tokens("valid", enc)
     last = gpt.evaluate(res["model"], val, gpt.token_byte_lengths(enc), cfg.block_size, tc.batch_size,
                         dc.eval_tokens)["loss"]  # the same tokens as the curve
     pts.append((steps, last, train_s))
-    return dict(curve=pts, model=res["model"], lr=lr, clip=built[0].qk_clip if built else None,
+    return dict(curve=pts, model=res["model"], lr=lr, clip=getattr(res["optimizer"], "qk_clip", None),
                 train_s=train_s, final=last, val=val, enc=enc, cfg=cfg)
 
 
@@ -546,17 +520,14 @@ def time_steps(dc: DemoConfig) -> dict:
 
     out = dict(fwd_bwd=median_ms(fwd_bwd))
     out["adamw_step"] = median_ms(gpt.make_adamw(model, tc).step)  # steps on the same gradients
-    out["muon_step"] = median_ms(make_muon(model, tc, qk_clip_tau=0).step)
+    out["muon_step"] = median_ms(make_muon(model, tc).step)  # tc: qk_clip_tau = 0, no clip work
     hidden = split_params(model)[0]
     out["ns"] = median_ms(lambda: [newton_schulz(p.grad) for p in hidden])
     return out
 
 
 def plot_race(runs: dict, path: Path, title: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = gpt.pyplot().subplots(1, 2, figsize=(11, 4))
     for name, r in runs.items():
         steps, loss, secs = zip(*r["curve"])
         axes[0].plot(steps, loss, "o-", ms=3, label=f"{name} (lr {r['lr']:g})")
@@ -569,17 +540,11 @@ def plot_race(runs: dict, path: Path, title: str) -> None:
         lo = min(min(l for _, l, _ in r["curve"]) for r in runs.values())
         ax.set_ylim(lo - 0.1, lo + 2.0)
     fig.suptitle(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    gpt.save_figure(fig, path)
 
 
 def plot_clip(runs: dict, tau: float, path: Path, title: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = gpt.pyplot().subplots(1, 2, figsize=(11, 4))
     for name, r in runs.items():
         axes[0].plot(range(1, len(r["clip"].history) + 1), r["clip"].history, label=name)
         steps, loss, _ = zip(*r["curve"])
@@ -593,9 +558,7 @@ def plot_clip(runs: dict, tau: float, path: Path, title: str) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    gpt.save_figure(fig, path)
 
 
 def demo(dc: DemoConfig) -> dict:
@@ -610,7 +573,7 @@ def demo(dc: DemoConfig) -> dict:
     best, tuning = {}, []
     for name, (opt, lrs) in grid.items():
         for lr in lrs:
-            r = run(dc, opt, lr, f"{tmp}/{opt}_{lr:g}", qk_clip_tau=0)
+            r = run(dc, opt, lr, f"{tmp}/{opt}_{lr:g}")
             tuning.append((name, lr, r["final"], r["train_s"]))
             print(f"{name:5s} lr {lr:<8g} val loss {r['final']:.4f}  ({r['train_s']:.0f} s training)",
                   flush=True)
@@ -634,17 +597,18 @@ def demo(dc: DemoConfig) -> dict:
     clip_runs = {"Muon, no clip": noclip,
                  f"MuonClip (tau {tau:g})": run(dc, "muon", dc.clip_lr, f"{tmp}/clip", dc.clip_steps,
                                                 qk_clip_tau=tau)}
-    plot_race(best, ROOT / "assets" / "muon_race.png",
+    documented = gpt.is_default(dc, ("num_threads", "out_dir"))
+    paths = [gpt.plot_path(name, documented, dc.out_dir) for name in ("muon_race.png", "muon_qk_clip.png")]
+    plot_race(best, paths[0],
               f"AdamW vs Muon, {dc.n_layer}L C={dc.n_embd} T={dc.block_size}, {dc.steps} steps, best LR each")
-    plot_clip(clip_runs, tau, ROOT / "assets" / "muon_qk_clip.png",
-              f"Muon at lr {dc.clip_lr:g}: max attention logit with and without QK-Clip")
+    plot_clip(clip_runs, tau, paths[1], f"Muon at lr {dc.clip_lr:g}: max attention logit with and without QK-Clip")
 
     print("\n| learning-rate grid | " + " | ".join(f"lr {lr:g}" for lr in grid["AdamW"][1]) + " |")
     print("|---|" + "---|" * len(grid["AdamW"][1]))
     for name in grid:
         print(f"| {name} val loss | " + " | ".join(f"{f:.4f}" for n, _, f, _ in tuning if n == name) + " |")
     reach_txt = f"{reach:.0f} ({reach / dc.steps:.2f}x)" if reach is not None else "not reached"
-    print(f"\n| | AdamW | Muon |\n|---|---|---|")
+    print("\n| | AdamW | Muon |\n|---|---|---|")
     print(f"| best learning rate | {adamw['lr']:g} | {muon_r['lr']:g} |")
     print(f"| final val loss, whole split (nats/token) | {whole['AdamW']:.4f} | {whole['Muon']:.4f} |")
     print(f"| val loss on the first {dc.eval_tokens} val tokens at step {dc.steps} | {target:.4f} | "
@@ -662,7 +626,7 @@ def demo(dc: DemoConfig) -> dict:
           f"| val loss (first {dc.eval_tokens} val tokens) |\n|---|---|---|---|")
     for name, r in clip_runs.items():
         print(f"| {name} | {max(r['clip'].history):.3g} | {r['clip'].history[-1]:.3g} | {r['final']:.4f} |")
-    print(f"\nplots: assets/muon_race.png, assets/muon_qk_clip.png; total {time.time() - t_start:.0f} s")
+    print(f"\nplots: {paths[0]}, {paths[1]}; total {time.time() - t_start:.0f} s")
     return dict(best=best, tuning=tuning, reach=reach, target=target, ms=ms, entropy=ent, clip=clip_runs,
                 whole=whole)
 
@@ -672,35 +636,12 @@ def demo(dc: DemoConfig) -> dict:
 
 
 def parse_demo_args(argv: list[str]) -> DemoConfig:
-    return gpt.config_from_args(DemoConfig, argv)
-
-
-def train_main(argv: list[str]) -> None:
-    """`python muon.py train [--qk_clip_tau=X] [gpt.py flags]`: gpt.train with Muon (the default here)."""
-    tau = 100.0
-    rest = []
-    for arg in argv:
-        if arg.startswith("--qk_clip_tau="):
-            tau = float(arg.partition("=")[2])
-        else:
-            rest.append(arg)
-    if not any(a.startswith("--optimizer=") for a in rest):
-        rest.insert(0, "--optimizer=muon")
-    try:
-        cfg, tc, _, _ = gpt.parse_args(rest)
-    except ValueError as e:
-        sys.exit(f"error: {e}")
-    with muon_factory(qk_clip_tau=tau):
-        result = gpt.train(cfg, tc)
-    if int(os.environ.get("RANK", "0")) == 0 and result["final"]:
-        print(f"final val loss {result['final']['val_loss']:.4f}")
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    return gpt.config_from_args(DemoConfig, argv, __doc__, "muon.py")
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["train"]:
-        train_main(sys.argv[2:])
+    if sys.argv[1:2] == ["train"]:  # gpt.py's command line with Muon chosen: the same as gpt.py --optimizer=muon
+        gpt.main(["--optimizer=muon"] + sys.argv[2:])
     else:
         try:
             config = parse_demo_args(sys.argv[1:])

@@ -1,8 +1,10 @@
 """Tests for gpt.py: tokenizer, data, attention options, RoPE, KV cache, training, resume, DDP, errors."""
 
+import dataclasses
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import urllib.error
@@ -490,7 +492,7 @@ def test_cli_overrides_and_presets():
                                                                                 50257, cfg.n_head)
     with pytest.raises(ValueError, match="did you mean --n_layer"):
         gpt.parse_args(["--n_layers=3"])
-    with pytest.raises(ValueError, match="expected a int"):
+    with pytest.raises(ValueError, match="expected an integer"):
         gpt.parse_args(["--n_layer=three"])
     with pytest.raises(ValueError, match="known presets"):
         gpt.parse_args(["--preset=gpt5"])
@@ -506,40 +508,161 @@ def test_bad_model_configs(kw, msg):
         gpt.GPTConfig(**kw)
 
 
-def test_unknown_pluggable_parts(monkeypatch, tmp_path):
-    # other test files import attention_flash / moe / muon, which register these names
-    monkeypatch.delitem(gpt.ATTENTION, "flash", raising=False)
-    monkeypatch.delitem(gpt.MLPS, "moe", raising=False)
-    monkeypatch.delitem(gpt.OPTIMIZERS, "muon", raising=False)
-    with pytest.raises(ValueError, match="attention_flash"):
-        gpt.GPT(tiny_config(attn_impl="flash"))
-    with pytest.raises(ValueError, match="moe.py"):
+def test_unknown_pluggable_parts_list_the_choices(tmp_path):
+    with pytest.raises(ValueError, match="unknown attn_impl 'flashy'; choose one of .*flash.*naive.*sdpa"):
+        gpt.GPT(tiny_config(attn_impl="flashy"))
+    with pytest.raises(ValueError, match="unknown mlp 'moo'; choose one of .*moe.*swiglu"):
+        gpt.GPT(tiny_config(mlp="moo"))
+    with pytest.raises(ValueError, match="unknown optimizer 'sgd'; choose one of adamw, muon"):
+        gpt.train(tiny_config(), tiny_train_config(tmp_path, optimizer="sgd"), verbose=False)
+    with pytest.raises(ValueError, match="needs the MoE options"):  # a plain GPTConfig lacks them
         gpt.GPT(tiny_config(mlp="moe"))
-    with pytest.raises(ValueError, match="muon"):
-        gpt.train(tiny_config(), tiny_train_config(tmp_path, optimizer="muon"), verbose=False)
 
 
-def test_missing_and_corrupt_checkpoints(tmp_path):
+def test_plugins_are_imported_on_first_use_and_add_their_options():
+    # a fresh interpreter: nothing imported but gpt; naming a chapter's part imports the chapter
+    code = ("import sys, gpt\n"
+            "cfg, tc, _, _ = gpt.parse_args(['--mlp=moe', '--n_experts=4', '--top_k=2', '--optimizer=muon',"
+            " '--qk_clip_tau=50', '--attn_impl=flash'])\n"
+            "print(type(cfg).__name__, cfg.n_experts, type(tc).__name__, tc.qk_clip_tau)\n"
+            "print(sorted(m for m in ('moe', 'muon', 'attention_flash') if m in sys.modules))\n"
+            "gpt.GPT(cfg)\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split("\n")[:2] == ["MoEConfig 4 MuonConfig 50.0", "['attention_flash', 'moe', 'muon']"]
+    # two extensions of one base combine into one class with both sets of options
+    import moe
+    import muon  # noqa: F401
+    gpt.CONFIG_CLASSES["moe_twin"] = type("Twin", (moe.MoEConfig,), {})
+    try:
+        both, _ = gpt.config_classes({"mlp": "moe", "attn_impl": "sdpa"})
+        assert both is moe.MoEConfig
+        model_cls, train_cls = gpt.config_classes({"mlp": "moe", "optimizer": "muon"})
+        assert (model_cls.__name__, train_cls.__name__) == ("MoEConfig", "MuonConfig")
+    finally:
+        del gpt.CONFIG_CLASSES["moe_twin"]
+
+
+def test_bad_training_and_sampling_values_get_clear_errors():
+    for argv, msg in [(["--top_k=-3"], "top_k must be >= 0"), (["--temperature=nan"], "temperature must be"),
+                      (["--temperature=-1"], "temperature must be"), (["--top_p=2"], r"top_p must be in \(0, 1\]"),
+                      (["--top_p=0"], "top_p must be in"), (["--num_samples=0"], "num_samples"),
+                      (["--max_iters=0"], "max_iters must be positive"), (["--lr=inf"], "lr must be"),
+                      (["--batch_size=-2"], "batch_size must be positive"), (["--dtype=fp8"], "dtype must be")]:
+        with pytest.raises(ValueError, match=msg):
+            gpt.parse_args(argv)
+    logits = torch.randn(2, 10)
+    with pytest.raises(ValueError, match="temperature"):
+        gpt.sample_next(logits, temperature=float("nan"))
+    with pytest.raises(ValueError, match="top_k"):
+        gpt.sample_next(logits, top_k=-1)
+
+
+def test_long_prompt_is_cut_with_a_warning(tiny_cfg):
+    torch.manual_seed(0)
+    model = gpt.GPT(tiny_cfg)
+    with pytest.warns(UserWarning, match="only its last 64 tokens"):
+        out = gpt.generate(model, list(range(100)), 3, temperature=0)
+    assert out == gpt.generate(model, list(range(36, 100)), 3, temperature=0)
+
+
+def test_help_lists_every_flag_with_its_comment():
+    text = gpt.help_text("gpt.py", [("model", gpt.GPTConfig), ("training", gpt.TrainConfig)], gpt.__doc__)
+    assert "examples:\n    python gpt.py " in text
+    for f in dataclasses.fields(gpt.GPTConfig) + dataclasses.fields(gpt.TrainConfig):
+        assert f"--{f.name}=" in text, f.name
+    # the comment beside the field, including its continuation line
+    assert "context length T; a TinyStories story is ~200 tokens" in text
+    assert "the final evaluation uses the whole split" in text
+
+
+SCRIPTS = ["gpt.py", "attention_flash.py", "moe.py", "muon.py", "quant.py", "dpo.py", "bench.py",
+           "bench_kernels.py"]
+
+
+def test_every_script_has_help():
+    procs = {s: subprocess.Popen([sys.executable, str(ROOT / s), "--help"], stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True) for s in SCRIPTS}
+    for script, p in procs.items():
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, (script, err)
+        assert out.startswith(f"usage: python {script}") and "examples:" in out, (script, out[:300])
+        assert re.search(r"^  --\w+=", out, re.M), script  # at least one flag, with its default
+
+
+def _ckpt_dir(tmp_path):
+    cfg, tc = tiny_config(), tiny_train_config(tmp_path, max_iters=4, eval_interval=1000)
+    gpt.train(cfg, tc, verbose=False)
+    return cfg, tc
+
+
+def test_new_run_refuses_to_overwrite_a_checkpoint_and_resume_is_explicit(tmp_path, capsys):
+    cfg, tc = _ckpt_dir(tmp_path / "a")
+    before = (tmp_path / "a" / "ckpt.pt").read_bytes()
+    with pytest.raises(FileExistsError, match="--resume.*--out_dir=DIR.*--overwrite"):
+        gpt.train(cfg, tc, verbose=False)
+    assert (tmp_path / "a" / "ckpt.pt").read_bytes() == before
+    # --resume on a finished run: nothing to do, said so
+    res = gpt.train(cfg, dataclasses.replace(tc, resume=True), verbose=True)
+    assert res["final"] == {} and "nothing to do" in capsys.readouterr().out
+    # --resume --ckpt=PATH resumes *that* file (and keeps writing it), whatever out_dir says
+    other = tmp_path / "b" / "mine.pt"
+    gpt.train(cfg, dataclasses.replace(tc, ckpt=str(other), max_iters=6, stop_at=3), verbose=False)
+    res = gpt.train(cfg, dataclasses.replace(tc, ckpt=str(other), max_iters=6, resume=True), verbose=True)
+    assert f"resumed from {other} at iteration 3" in capsys.readouterr().out
+    assert gpt.read_checkpoint(other)["iter"] == 6 and res["final"]
+    gpt.train(cfg, dataclasses.replace(tc, overwrite=True), verbose=False)  # explicit: allowed
+
+
+def test_damaged_checkpoints_say_what_is_wrong(tmp_path):
     with pytest.raises(FileNotFoundError, match="train one first"):
         gpt.load_model(tmp_path / "nope.pt")
     bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"")
+    with pytest.raises(RuntimeError, match="is empty"):
+        gpt.load_model(bad)
     bad.write_bytes(b"this is not a checkpoint")
-    with pytest.raises(RuntimeError, match="corrupt"):
+    with pytest.raises(RuntimeError, match="not a zip archive"):
         gpt.load_model(bad)
     torch.save({"weights": torch.zeros(2)}, bad)
-    with pytest.raises(RuntimeError, match="not a gpt.py checkpoint"):
+    with pytest.raises(RuntimeError, match="not a gpt.py checkpoint: expected the keys"):
         gpt.load_model(bad)
+    _ckpt_dir(tmp_path)
+    good = (tmp_path / "ckpt.pt").read_bytes()
+    bad.write_bytes(good[: len(good) // 2])
+    with pytest.raises(RuntimeError, match="truncated or damaged"):
+        gpt.load_model(bad)
+    # 4 KiB flipped in the middle of the largest tensor (the embedding): only the digest can tell
+    state = gpt.read_checkpoint(tmp_path / "ckpt.pt")
+    emb = state["model"]["tok_embeddings.weight"].numpy().tobytes()
+    at = good.find(emb[:64])
+    assert at > 0
+    mid = at + len(emb) // 2
+    flipped = good[:mid] + bytes(b ^ 0xFF for b in good[mid:mid + 4096]) + good[mid + 4096:]
+    bad.write_bytes(flipped)
+    with pytest.raises(RuntimeError, match="do not match the digest"):
+        gpt.load_model(bad)
+
+
+def test_plots_of_modified_runs_stay_out_of_assets(tmp_path):
+    assert gpt.plot_path("gpt_loss.png", True, tmp_path) == gpt.ROOT / "assets" / "gpt_loss.png"
+    assert gpt.plot_path("loss.png", False, tmp_path) == tmp_path / "loss.png"
+    assert gpt.plot_path("x.png", True, tmp_path, "") is None
+    assert gpt.plot_path("x.png", False, tmp_path, "here.png") == Path("here.png")
+    assert gpt.is_default(gpt.TrainConfig(out_dir="elsewhere", num_threads=2), gpt.RUN_ONLY_FIELDS)
+    assert not gpt.is_default(gpt.TrainConfig(max_iters=10), gpt.RUN_ONLY_FIELDS)
 
 
 def test_cli_trains_then_samples_from_checkpoint(tmp_path):
     run = lambda *a: subprocess.run([sys.executable, str(ROOT / "gpt.py"), *a], capture_output=True,  # noqa: E731
                                     text=True, timeout=600)
+    assets = {p.name: p.stat().st_mtime_ns for p in (ROOT / "assets").glob("*.png")}
     r = run("--n_layer=1", "--n_embd=32", "--block_size=32", "--max_iters=5", "--eval_interval=100",
-            "--batch_size=4", "--max_new_tokens=20", "--num_samples=1", f"--out_dir={tmp_path}",
-            f"--plot={tmp_path / 'loss.png'}")
+            "--batch_size=4", "--max_new_tokens=20", "--num_samples=1", f"--out_dir={tmp_path}")
     assert r.returncode == 0, r.stderr
     assert "bits/byte" in r.stdout and "--- sample 1 ---" in r.stdout
-    assert (tmp_path / "loss.png").stat().st_size > 1000
+    assert (tmp_path / "loss.png").stat().st_size > 1000  # a modified run plots into its out_dir...
+    assert {p.name: p.stat().st_mtime_ns for p in (ROOT / "assets").glob("*.png")} == assets  # ...not assets/
     r = run("--sample", f"--ckpt={tmp_path / 'ckpt.pt'}", "--prompt=Once upon a time", "--max_new_tokens=10")
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("Once upon a time") == 3

@@ -369,8 +369,9 @@ def test_short_tinystories_run_lowers_val_loss(tmp_path):
     layers = moe.moe_layers(result["model"])
     assert all(len(m.load_log) == 40 for m in layers)
     assert all(m.bias.abs().sum() > 0 for m in layers)  # aux-free biases moved
-    # the checkpoint round-trips through moe.load_model (gpt.load_model does not know the fields)
-    model, _, _ = moe.load_model(tmp_path / "ckpt.pt")
+    # the checkpoint round-trips through gpt.load_model: its config names mlp=moe, so the MoEConfig
+    model, _, _ = gpt.load_model(tmp_path / "ckpt.pt")
+    assert isinstance(model.cfg, moe.MoEConfig)
     x = torch.randint(0, cfg.vocab_size, (2, 16))
     result["model"].eval()
     assert torch.equal(model(x)[0], result["model"](x)[0])
@@ -408,7 +409,7 @@ def test_ddp_two_processes_match_one(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     assert "on 2 process(es)" in r.stdout
     argv = common + ["--batch_size=4", f"--out_dir={tmp_path / 'one'}"]
-    cfg, tc, _, _ = gpt.parse_args(argv, moe.MoEConfig)
+    cfg, tc, _, _ = gpt.parse_args(argv + ["--mlp=moe"])
     single = gpt.train(cfg, tc, verbose=False)
     ddp = gpt.read_checkpoint(tmp_path / "ddp" / "ckpt.pt")["model"]
     biases = [k for k in ddp if k.endswith("feed_forward.bias")]

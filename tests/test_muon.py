@@ -40,8 +40,10 @@ def with_spectrum(m: int, n: int, s: torch.Tensor, seed: int = 0) -> torch.Tenso
 def short_run(cfg, out_dir, **kw) -> dict:
     """gpt.train for max_iters steps without its closing whole-split evaluation (179k val tokens, the
     slowest part of a short run): a schedule one step longer, stopped (stop_at) after max_iters."""
+    clip = {"qk_clip_tau": kw.pop("qk_clip_tau")} if "qk_clip_tau" in kw else {}
     tc = tiny_train_config(out_dir, **kw)
-    tc = dataclasses.replace(tc, max_iters=tc.max_iters + 1, stop_at=tc.max_iters)
+    tc = muon.MuonConfig(**{**dataclasses.asdict(tc), "max_iters": tc.max_iters + 1, "stop_at": tc.max_iters},
+                         **clip)
     return gpt.train(cfg, tc, verbose=False)
 
 
@@ -223,11 +225,13 @@ def test_make_muon_routes_parameters():
     assert {id(p) for p in embed} == {id(untied.tok_embeddings.weight), id(untied.output.weight)}
 
 
-def test_registered_only_on_import():
-    assert gpt.OPTIMIZERS["muon"] is muon.make_muon
-    r = subprocess.run([sys.executable, "-c", "import gpt; print('muon' in gpt.OPTIMIZERS)"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=120)
-    assert r.stdout.strip() == "False", r.stderr
+def test_registered_as_a_plugin():
+    assert gpt.OPTIMIZERS["muon"] is muon.make_muon and gpt.CONFIG_CLASSES["muon"] is muon.MuonConfig
+    # a plain TrainConfig gets MuonConfig's defaults; a MuonConfig's options reach the optimizer
+    model = gpt.GPT(tiny_config())
+    assert muon.make_muon(model, gpt.TrainConfig()).qk_clip.tau == 100.0
+    opt = muon.make_muon(model, muon.MuonConfig(qk_clip_tau=0, muon_momentum=0.9, ns_steps=3))
+    assert opt.qk_clip is None and opt.param_groups[0]["momentum"] == 0.9 and opt.param_groups[0]["ns_steps"] == 3
 
 
 def test_clear_errors():
@@ -314,16 +318,15 @@ def test_muonclip_in_the_training_loop(tmp_path, train_tokens):
     cfg, tau = tiny_config(), 0.01
     logits = {}
     for t in (tau, math.inf):
-        with muon.muon_factory(qk_clip_tau=t) as built:
-            res = short_run(cfg, tmp_path / str(t), optimizer="muon", max_iters=6)
-        clip = built[0].qk_clip
+        res = short_run(cfg, tmp_path / str(t), optimizer="muon", max_iters=6, qk_clip_tau=t)
+        clip = res["optimizer"].qk_clip
         assert len(clip.history) == 6
         x, _ = gpt.get_batch(train_tokens, torch.arange(8) * 1000, cfg.block_size)
         res["model"].train()
         with torch.no_grad():
             res["model"](x)
         logits[t] = max(float(a.max_logit.max()) for a in clip.attns)
-    assert min(built[0].qk_clip.history) > 10 * tau  # unclipped: far above tau at every step
+    assert min(clip.history) > 10 * tau  # unclipped: far above tau at every step
     assert logits[tau] < 2 * tau < logits[math.inf] / 5, logits
 
 
@@ -372,10 +375,9 @@ def test_ddp_two_processes_match_one(tmp_path):
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "on 2 process(es)" in r.stdout
-    cfg, tc, _, _ = gpt.parse_args(common + ["--optimizer=muon", "--batch_size=8",
+    cfg, tc, _, _ = gpt.parse_args(common + ["--optimizer=muon", "--qk_clip_tau=0.05", "--batch_size=8",
                                              f"--out_dir={tmp_path / 'one'}"])
-    with muon.muon_factory(qk_clip_tau=0.05):
-        single = gpt.train(cfg, tc, verbose=False)
+    single = gpt.train(cfg, tc, verbose=False)
     ddp = gpt.read_checkpoint(tmp_path / "ddp" / "ckpt.pt")
     assert ddp["optimizer"]["param_groups"][0]["use_muon"]
     for name, p in single["model"].state_dict().items():
