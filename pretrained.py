@@ -47,6 +47,7 @@ import codecs
 import hashlib
 import importlib.util
 import math
+import os
 import re
 import resource
 import struct
@@ -424,9 +425,8 @@ def config_from_gguf(f: GGUFFile, context: int = 0) -> GGUFConfig:
     file's own, which sizes gpt.generate's KV cache)."""
     meta, arch = f.metadata, f.metadata.get("general.architecture")
     if arch not in LLAMA_ARCHS:
-        raise GGUFError(f"{f.path}: general.architecture is {arch!r}; this loader builds the llama "
-                        f"architecture ({', '.join(LLAMA_ARCHS)}: Llama, SmolLM2, TinyLlama, Mistral 7B) "
-                        "only")
+        raise GGUFError(f"{f.path}: general.architecture is {arch!r}; this loader builds gpt.py's llama "
+                        f"architecture only ({', '.join(LLAMA_ARCHS)}: Llama 1-3, SmolLM2, Mistral 7B...)")
 
     def get(key: str, default: Any = None, required: bool = False) -> Any:
         if f"{arch}.{key}" not in meta and required:
@@ -654,15 +654,21 @@ class ChatConfig:
     sample_seed: int = 42
     threads: int = 0  # torch CPU threads; 0 = torch's default
 
+    def __post_init__(self):
+        gpt.check_sampling(self.temperature, self.top_k, self.top_p)
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.template not in ("chatml", "none"):
+            raise ValueError(f"template must be chatml or none, not {self.template!r}")
+
 
 class Chat:
     """A conversation with a loaded model: the message history, and one streamed reply at a time."""
 
-    def __init__(self, model: gpt.GPT, enc: tiktoken.Encoding, meta: dict[str, Any], cc: ChatConfig):
-        self.model, self.enc, self.meta, self.cc = model, enc, meta, cc
+    def __init__(self, model: gpt.GPT, enc: tiktoken.Encoding, meta: dict[str, Any], cc: ChatConfig,
+                 name: str = "model"):
+        self.model, self.enc, self.meta, self.cc, self.name = model, enc, meta, cc, name
         V = model.cfg.vocab_size
-        if cc.template not in ("chatml", "none"):
-            raise ValueError(f"--template must be chatml or none, not {cc.template!r}")
         if cc.template == "chatml" and not {CHATML_START, CHATML_END} <= enc.special_tokens_set:
             raise ValueError("this model has no ChatML tokens (<|im_start|>, <|im_end|>), so it was not "
                              "tuned on ChatML: use --template=none to continue plain text")
@@ -725,9 +731,8 @@ class Chat:
     def repl(self, read: Callable[[str], str] = input, out=None) -> None:
         """The interactive loop: /reset forgets the conversation, /quit or Ctrl-D leaves."""
         out = out or sys.stdout
-        name = self.meta.get("general.name", "model")
-        print(f"{name} ({self.model.num_params() / 1e6:.0f}M parameters). /reset clears the conversation, "
-              "/quit or Ctrl-D leaves.", file=out)
+        print(f"{self.name} ({self.model.num_params() / 1e6:.0f}M parameters). /reset clears the "
+              "conversation, /quit or Ctrl-D leaves.", file=out)
         while True:
             try:
                 line = read(">>> ").strip()
@@ -748,8 +753,9 @@ class Chat:
 def run_chat(cc: ChatConfig) -> None:
     if cc.threads:
         torch.set_num_threads(cc.threads)
-    model, enc, meta = load(cc.gguf or None, cc.context)
-    chat = Chat(model, enc, meta, cc)
+    path = Path(cc.gguf) if cc.gguf else default_gguf()
+    model, enc, meta = load(path, cc.context)
+    chat = Chat(model, enc, meta, cc, name=path.stem)
     if cc.prompt:
         chat.reply(cc.prompt)
     else:
@@ -935,6 +941,8 @@ class EvalConfig:
     prefill_tokens: int = 512  # prompt length for the prefill speed
     decode_tokens: int = 256  # greedy new tokens for the decode speed
     threads: int = 2  # torch CPU threads (the speed figures are for this many)
+    bpb: bool = True  # measure bits/byte
+    speed: bool = True  # measure prefill and decode tokens/s
     hf: bool = False  # also measure transformers' LlamaForCausalLM from the same file (needs transformers)
     hf_eval_tokens: int = 16384  # validation tokens both models score for the agreement check; 0 = all
 
@@ -981,6 +989,7 @@ def load_hf(path: Path) -> nn.Module:
         from transformers import AutoModelForCausalLM
     except ImportError:
         raise RuntimeError("--hf=true needs transformers: pip install transformers accelerate") from None
+    os.environ.setdefault("TQDM_DISABLE", "1")  # its per-tensor progress bar
     return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
                                                 dtype=torch.float32).eval()
 
@@ -996,7 +1005,7 @@ def run_eval(ec: EvalConfig) -> dict:
     val = validation_tokens(enc, V)
     lengths = gpt.token_byte_lengths(enc)
     prompt = [int(t) for t in val[:ec.prefill_tokens]]
-    res: dict[str, Any] = dict(name=meta.get("general.name", path.name), params=model.num_params(),
+    res: dict[str, Any] = dict(name=path.stem, params=model.num_params(),
                                file_bytes=path.stat().st_size, load_s=load_s)
     print(f"{res['name']}: {res['params'] / 1e6:.1f}M parameters, {res['file_bytes'] / 1e6:.0f} MB file, "
           f"loaded in {load_s:.1f}s; {len(val):,} validation tokens", flush=True)
@@ -1017,40 +1026,36 @@ def run_eval(ec: EvalConfig) -> dict:
                                      do_sample=False, pad_token_id=0)
         return n / best_time(run, 2)
 
-    res["prefill_tps"], res["decode_tps"] = prefill(model), decode(model)
-    print(f"prefill {res['prefill_tps']:.0f} tokens/s ({len(prompt)}-token prompt), decode "
-          f"{res['decode_tps']:.1f} tokens/s (greedy, {ec.decode_tokens} new), {ec.threads} threads",
-          flush=True)
-    t0 = time.perf_counter()
-    ev = gpt.evaluate(model, val, lengths, ec.block_size, ec.batch_size, ec.eval_tokens)
-    res.update(loss=ev["loss"], bpb=ev["bpb"], tokens=ev["tokens"], eval_s=time.perf_counter() - t0)
-    res["peak_rss_mb"] = peak_rss_mb()  # before transformers is loaded: ours alone
-    print(f"val: {ev['loss']:.4f} nats/token, {ev['bpb']:.4f} bits/byte over {ev['tokens']:,} tokens "
-          f"(windows of {ec.block_size}), {res['eval_s']:.0f}s; peak memory {res['peak_rss_mb']:.0f} MB",
-          flush=True)
-    if ec.hf:
-        hf = load_hf(path)
-        n = ec.hf_eval_tokens or ec.eval_tokens
-        ours = gpt.evaluate(model, val, lengths, ec.block_size, ec.batch_size, n)
-        theirs = gpt.evaluate(_HFAsGPT(hf), val, lengths, ec.block_size, ec.batch_size, n)
-        res.update(hf_tokens=ours["tokens"], ours_bpb_sub=ours["bpb"], hf_bpb_sub=theirs["bpb"])
-        # speed: alternate ours and theirs so both see the same machine load
-        pairs = [(prefill(model), prefill(hf), decode(model), decode(hf)) for _ in range(2)]
-        res["hf_prefill_tps"] = max(p[1] for p in pairs)
-        res["hf_decode_tps"] = max(p[3] for p in pairs)
-        res["prefill_tps"] = max(res["prefill_tps"], *(p[0] for p in pairs))
-        res["decode_tps"] = max(res["decode_tps"], *(p[2] for p in pairs))
-        print(f"transformers on the same {ours['tokens']:,} tokens: {theirs['bpb']:.6f} bits/byte vs ours "
-              f"{ours['bpb']:.6f}; prefill {res['hf_prefill_tps']:.0f} vs ours {res['prefill_tps']:.0f} "
-              f"tokens/s ({res['prefill_tps'] / res['hf_prefill_tps']:.2f}x); decode "
-              f"{res['hf_decode_tps']:.1f} vs ours {res['decode_tps']:.1f} tokens/s "
-              f"({res['decode_tps'] / res['hf_decode_tps']:.2f}x)", flush=True)
-    print("\n| model | params | val bits/byte | val nats/token | tokens | prefill tok/s | decode tok/s | "
-          "peak RSS |")
-    print("|---|---|---|---|---|---|---|---|")
-    print(f"| {res['name']} | {res['params'] / 1e6:.1f}M | {res['bpb']:.4f} | {res['loss']:.4f} | "
-          f"{res['tokens']:,} | {res['prefill_tps']:.0f} | {res['decode_tps']:.1f} | "
-          f"{res['peak_rss_mb']:.0f} MB |")
+    hf = load_hf(path) if ec.hf else None
+    if ec.bpb:
+        t0 = time.perf_counter()
+        ev = gpt.evaluate(model, val, lengths, ec.block_size, ec.batch_size, ec.eval_tokens)
+        res.update(loss=ev["loss"], bpb=ev["bpb"], tokens=ev["tokens"], eval_s=time.perf_counter() - t0)
+        print(f"val: {ev['loss']:.4f} nats/token, {ev['bpb']:.4f} bits/byte over {ev['tokens']:,} tokens "
+              f"(windows of {ec.block_size}) in {res['eval_s']:.0f}s", flush=True)
+        if hf is not None:  # the same windows through transformers: the two figures must agree
+            n = ec.hf_eval_tokens or ec.eval_tokens
+            ours = ev if n == ec.eval_tokens else gpt.evaluate(model, val, lengths, ec.block_size,
+                                                                ec.batch_size, n)
+            theirs = gpt.evaluate(_HFAsGPT(hf), val, lengths, ec.block_size, ec.batch_size, n)
+            res.update(hf_tokens=ours["tokens"], bpb_sub=ours["bpb"], hf_bpb_sub=theirs["bpb"])
+            print(f"on the first {ours['tokens']:,} tokens: {ours['bpb']:.6f} bits/byte, transformers "
+                  f"{theirs['bpb']:.6f}", flush=True)
+    if ec.speed:  # alternate ours and theirs, so both see the same machine load; keep each one's best
+        runs = [(prefill(model), decode(model), *((prefill(hf), decode(hf)) if hf is not None else ()))
+                for _ in range(2 if hf is not None else 1)]
+        res["prefill_tps"], res["decode_tps"] = max(r[0] for r in runs), max(r[1] for r in runs)
+        print(f"prefill {res['prefill_tps']:.0f} tokens/s ({len(prompt)}-token prompt), decode "
+              f"{res['decode_tps']:.1f} tokens/s (greedy, {ec.decode_tokens} new), {ec.threads} threads",
+              flush=True)
+        if hf is not None:
+            res["hf_prefill_tps"], res["hf_decode_tps"] = max(r[2] for r in runs), max(r[3] for r in runs)
+            print(f"transformers: prefill {res['hf_prefill_tps']:.0f} tokens/s (ours "
+                  f"{res['prefill_tps'] / res['hf_prefill_tps']:.2f}x), decode {res['hf_decode_tps']:.1f} "
+                  f"tokens/s (ours {res['decode_tps'] / res['hf_decode_tps']:.2f}x)", flush=True)
+    if hf is None:  # with transformers loaded too, the process's peak says nothing about ours
+        res["peak_rss_mb"] = peak_rss_mb()
+        print(f"peak memory (resident): {res['peak_rss_mb']:.0f} MB", flush=True)
     return res
 
 
@@ -1070,6 +1075,7 @@ class QuantTableConfig:
     awq_grid: int = 20
     threads: int = 0  # torch CPU threads; 0 = torch's default
     out_dir: str = "out/pretrained_quant"  # the packed-linears size-check files
+    plot: str = "assets/pretrained_quant.png"  # "" = no plot
     seed: int = 1337
 
 
@@ -1077,7 +1083,7 @@ def run_quant(tc: QuantTableConfig) -> tuple[dict, list[dict]]:
     if tc.threads:
         torch.set_num_threads(tc.threads)
     torch.manual_seed(tc.seed)
-    model, enc, meta = load(tc.gguf or None, context=tc.block_size)
+    model, enc, _ = load(tc.gguf or None, context=tc.block_size)
     V = model.cfg.vocab_size
     val, train = validation_tokens(enc, V), validation_tokens(enc, V, "train")
     gen = torch.Generator().manual_seed(tc.seed)
@@ -1085,11 +1091,36 @@ def run_quant(tc: QuantTableConfig) -> tuple[dict, list[dict]]:
     calib, _ = gpt.get_batch(train, off, tc.block_size)  # (calib_seqs, T)
     qc = quant.QuantConfig(schemes=tc.schemes, eval_tokens=tc.eval_tokens, calib_seqs=tc.calib_seqs,
                            awq_grid=tc.awq_grid, decode_tokens=0, out_dir=tc.out_dir, seed=tc.seed)
-    print(f"{meta.get('general.name', 'model')}: weights as stored in the file, dequantized to fp32, are the "
-          "baseline; each scheme requantizes them (the tied embedding/head stays fp32)", flush=True)
+    print(f"{Path(tc.gguf).stem if tc.gguf else 'SmolLM2-135M-Instruct'}: the weights as stored in the file, "
+          "dequantized to fp32, are the baseline; each scheme requantizes them (the tied embedding/head "
+          "stays fp32)", flush=True)
     base, rows = quant.measure_schemes(model, val, gpt.token_byte_lengths(enc), calib, [], qc, tc.block_size)
     quant.print_table(base, rows)
+    if tc.plot:
+        plot_quant(rows, base, ROOT / tc.plot, Path(tc.gguf).stem if tc.gguf else "SmolLM2-135M-Instruct")
+        print(f"saved {tc.plot}")
     return base, rows
+
+
+def plot_quant(rows: list[dict], base: dict, path: Path, name: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.scatter([r["bits"] for r in rows], [r["dppl"] for r in rows], color="C0", zorder=3)
+    for r in rows:
+        ax.annotate(r["scheme"], (r["bits"], r["dppl"]), textcoords="offset points", xytext=(5, 4),
+                    fontsize=9)
+    ax.axhline(0, color="gray", ls="--", label=f"weights as in the file, in fp32 (ppl {base['ppl']:.3f})")
+    ax.set_xlabel("bits per weight of the quantized linears (counted from the stored bytes)")
+    ax.set_ylabel("TinyStories val perplexity change (%)")
+    ax.set_title(f"quant.py's schemes on {name} (embedding/head kept fp32)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper right")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -1137,12 +1168,17 @@ COMMANDS: dict[str, tuple[type, Callable]] = {"chat": (ChatConfig, run_chat), "e
 
 
 def main(argv: list[str]) -> None:
-    cmd, args = (argv[0], argv[1:]) if argv and not argv[0].startswith("--") else ("chat", argv)
+    if argv[:1] in (["--help"], ["-h"]):  # every command's flags
+        print(gpt.help_text("pretrained.py [chat|eval|quant|export]",
+                            [(f"{c} options", cls) for c, (cls, _) in COMMANDS.items()], __doc__))
+        return
+    cmd, args = (argv[0], argv[1:]) if argv and not argv[0].startswith("-") else ("chat", argv)
     if cmd not in COMMANDS:
-        sys.exit(f"error: unknown command {cmd!r}; commands: {', '.join(COMMANDS)}")
+        sys.exit(f"error: unknown command {cmd!r}; commands: {', '.join(COMMANDS)} "
+                 "(--help lists their flags)")
     cls, fn = COMMANDS[cmd]
     try:
-        fn(gpt.config_from_args(cls, args))
+        fn(gpt.config_from_args(cls, args, doc=__doc__, prog=f"pretrained.py {cmd}"))
     except (ValueError, OSError, RuntimeError) as e:  # bad input: one clear line
         sys.exit(f"error: {e}")
 
