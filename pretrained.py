@@ -521,6 +521,8 @@ def tokenizer_from_gguf(meta: dict[str, Any]) -> tiktoken.Encoding:
     pre = "gpt-2" if pre == "default" else pre
     if pre not in PRE_TOKENIZERS:
         raise GGUFError(f"tokenizer.ggml.pre is {pre!r}; supported pre-tokenizers: {sorted(PRE_TOKENIZERS)}")
+    if "tokenizer.ggml.tokens" not in meta:
+        raise GGUFError("the file has no tokenizer (no tokenizer.ggml.tokens)")
     tokens, merges = meta["tokenizer.ggml.tokens"], meta.get("tokenizer.ggml.merges")
     types = meta.get("tokenizer.ggml.token_type", np.full(len(tokens), NORMAL))
     if merges is None:
@@ -583,6 +585,10 @@ def load(path: str | Path | None = None, context: int = 4096, device: str = "cpu
         enc = tokenizer_from_gguf(f.metadata)
     except GGUFError as e:
         raise GGUFError(f"{f.path}: {e}") from None
+    n_tokens = len(f.metadata["tokenizer.ggml.tokens"])  # the model may have more rows (padding), not fewer
+    if n_tokens > cfg.vocab_size:
+        raise GGUFError(f"{f.path}: the tokenizer has {n_tokens} tokens but the model only "
+                        f"{cfg.vocab_size} embedding rows")
     return model, enc, f.metadata
 
 

@@ -395,6 +395,27 @@ def test_exported_f32_model_loads_back_exactly(tokenizer, tmp_path, val_tokens):
     assert enc2.encode(gpt.EOT, allowed_special="all") == [enc.eot_token]
 
 
+def test_loader_rejects_other_networks(tokenizer, tmp_path):
+    """Variants of an exported llama file that gpt.GPT cannot run: one clear line each."""
+    P.export_gguf(gpt.GPT(tiny_config()), tokenizer[0], tmp_path / "ok.gguf", "F32", embed="F32")
+    f = P.read_gguf(tmp_path / "ok.gguf")
+    tensors = [(n, t.shape, t.type_name, f.raw(n).tobytes()) for n, t in f.tensors.items()]
+    bias = ("blk.0.attn_q.bias", (64,), "F32", bytes(256))
+    cases = [({"general.architecture": "qwen2"}, tensors, "general.architecture is 'qwen2'"),
+             ({"llama.rope.scaling.type": "linear"}, tensors, "RoPE scaling"),
+             ({"llama.rope.dimension_count": 8}, tensors, "rope.dimension_count = 8"),
+             ({}, tensors[1:], r"missing \['token_embd.weight'\]"),
+             ({}, tensors + [bias], r"unexpected \['blk.0.attn_q.bias'\]"),
+             ({"llama.attention.head_count_kv": 3}, tensors, "no valid gpt.py model.*multiple of n_kv_head"),
+             ({"tokenizer.ggml.model": "llama"}, tensors, "SentencePiece")]
+    for i, (change, ts, match) in enumerate(cases):
+        path = tmp_path / f"bad{i}.gguf"
+        P.write_gguf(path, {**f.metadata, **change}, ts)
+        with pytest.raises(P.GGUFError, match=match) as e:
+            P.load(path)
+        assert str(path) in one_line(e)
+
+
 def test_export_rejects_bad_input(tmp_path, tokenizer):
     model = gpt.GPT(tiny_config(norm="layernorm", pos_emb="learned", mlp="gelu", bias=True))
     with pytest.raises(ValueError, match="llama preset"):
@@ -474,7 +495,7 @@ def test_control_tokens_and_chatml(smol, hf_tokenizers):
     rendered = stock.apply_chat_template([{"role": r, "content": c} for r, c in messages], tokenize=False,
                                          add_generation_prompt=True)
     assert enc.decode(ours) == rendered and ours == fixed.encode(rendered, add_special_tokens=False).ids
-    assert P.default_system_prompt(meta) == "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+    assert P.default_system_prompt(meta).startswith("You are a helpful AI assistant named SmolLM")
 
 
 @pytest.mark.parametrize("pre", ["gpt-2", "llama-bpe"])
@@ -514,7 +535,8 @@ def test_bytes_missing_from_the_vocabulary_are_dropped(smol):
     assert enc.n_vocab > 49152  # SmolLM2 lacks 21 single bytes: they got ids past the vocabulary
     # 0x04 is one of them: the pre-tokenizer makes it a piece of its own, which is dropped (llama.cpp)
     assert max(enc.encode_ordinary("a\x04b")) >= 49152
-    assert P.encode_text(enc, "a\x04b", 49152) == P.encode_text(enc, "a", 49152) + P.encode_text(enc, "b", 49152)
+    a, b = P.encode_text(enc, "a", 49152), P.encode_text(enc, "b", 49152)
+    assert P.encode_text(enc, "a\x04b", 49152) == a + b
 
 
 # -----------------------------------------------------------------------------------------------
@@ -535,7 +557,8 @@ PROMPTS = ["Once upon a time, there was a little dog named Max.",
 def test_config_from_metadata(smol):
     model, _, meta = smol
     c = model.cfg
-    assert (c.n_layer, c.n_embd, c.n_head, c.n_kv_head, c.hidden_size, c.vocab_size) == (30, 576, 9, 3, 1536, 49152)
+    assert (c.n_layer, c.n_embd, c.n_head, c.n_kv_head, c.hidden_size) == (30, 576, 9, 3, 1536)
+    assert c.vocab_size == 49152
     assert (c.rope_theta, c.norm_eps, c.tie_embeddings, c.block_size) == (1e5, pytest.approx(1e-5), True, 512)
     assert model.output.weight is model.tok_embeddings.weight
     assert model.num_params() == 134_515_008

@@ -356,7 +356,8 @@ def test_tiny_values_stay_finite_and_small(scheme):
 @pytest.mark.parametrize("scheme", FORMATS)
 def test_huge_values(scheme):
     w = weights(5, 32, 128, scale=1e5)  # amax ~ 2e6: x/127 fits fp16, x/15 or x/8 does not
-    fp16_limited = {"q4_0", "q4_1", "int4_g32", "int4_g64", "int4_g128", "int8_outlier"}  # fp16 scale or values
+    # fp16 scale or values
+    fp16_limited = {"q4_0", "q4_1", "int4_g32", "int4_g64", "int4_g128", "int8_outlier"}
     if scheme in fp16_limited:
         with pytest.raises(ValueError, match="overflows the fp16 scale/value field"):
             quant.SCHEMES[scheme][0](w)
