@@ -462,7 +462,7 @@ def config_from_gguf(f: GGUFFile, context: int = 0) -> GGUFConfig:
 
 def model_from_gguf(f: GGUFFile, cfg: gpt.GPTConfig) -> gpt.GPT:
     """gpt.GPT(cfg) with every weight dequantized from the file (float32, eval mode)."""
-    with torch.device("meta"):  # no memory and no random init for weights we overwrite at once
+    with torch.device("meta"):  # shapes only: no memory for the random init we overwrite at once
         model = gpt.GPT(cfg)
     want = {gguf_tensor_name(n): (n, tuple(p.shape)) for n, p in model.named_parameters()}  # tied: once
     missing = [n for n in want if n not in f.tensors]
