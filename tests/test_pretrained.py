@@ -597,7 +597,7 @@ def test_kv_cache_decoding_equals_full_forward(smol):
     model, enc, _ = smol
     prompt = enc.encode(PROMPTS[0])
     cfg = model.cfg
-    cache = gpt.KVCache(cfg, 1, cfg.block_size)
+    cache = model.make_cache(1, cfg.block_size)
     with torch.no_grad():
         step = [model(torch.tensor([prompt]), cache=cache)[0][:, -1]]
         new = [int(step[-1].argmax())]
