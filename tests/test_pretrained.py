@@ -409,6 +409,29 @@ def test_exported_f32_model_loads_back_exactly(tokenizer, tmp_path, val_tokens):
     assert enc2.encode(gpt.EOT, allowed_special="all") == [enc.eot_token]
 
 
+def test_eval_and_quant_commands_on_an_exported_model(tokenizer, tmp_path, val_tokens):
+    """`pretrained.py eval` scores the windows gpt.evaluate scores (so its bits/byte sit in one table
+    with gpt.py's), and `pretrained.py quant` runs quant.measure_schemes on the loaded file: on an F32
+    export of a model both must reproduce that model's own figures."""
+    torch.manual_seed(2)
+    model, enc = gpt.GPT(tiny_config()).eval(), tokenizer[0]
+    path = tmp_path / "f32.gguf"
+    P.export_gguf(model, enc, path, "F32", embed="F32")
+    want = gpt.evaluate(model, val_tokens, gpt.token_byte_lengths(enc), 64, 8, 1024)
+    res = P.run_eval(P.EvalConfig(gguf=str(path), block_size=64, eval_tokens=1024, prefill_tokens=16,
+                                  decode_tokens=4, threads=1))
+    assert res["tokens"] == want["tokens"] == 1024
+    assert res["bpb"] == pytest.approx(want["bpb"], rel=1e-6)
+    assert res["prefill_tps"] > 0 and res["decode_tps"] > 0 and res["peak_rss_mb"] > 0
+    want = gpt.evaluate(model, val_tokens, gpt.token_byte_lengths(enc), 64, 8, 512)
+    base, rows = P.run_quant(P.QuantTableConfig(gguf=str(path), schemes="q8_0,awq_g32", eval_tokens=512,
+                                                block_size=64, calib_seqs=2, awq_grid=2, threads=1,
+                                                out_dir=str(tmp_path / "q"), plot=""))
+    assert base["loss"] == pytest.approx(want["loss"], rel=1e-6)
+    assert [r["scheme"] for r in rows] == ["q8_0", "awq_g32"]
+    assert rows[0]["bits"] == 8.5 and all(r["file"] == r["expect"] for r in rows)
+
+
 def test_loader_rejects_other_networks(tokenizer, tmp_path):
     """Variants of an exported llama file that gpt.GPT cannot run: one clear line each."""
     P.export_gguf(gpt.GPT(tiny_config()), tokenizer[0], tmp_path / "ok.gguf", "F32", embed="F32")
