@@ -994,10 +994,8 @@ def load_hf(path: Path) -> nn.Module:
     """transformers' LlamaForCausalLM from the same GGUF (it dequantizes the file itself)."""
     try:
         from transformers import AutoModelForCausalLM
-        from transformers.utils import logging as hf_logging
     except ImportError:
         raise RuntimeError("--hf=true needs transformers: pip install transformers accelerate") from None
-    hf_logging.disable_progress_bar()  # its per-tensor bar (TQDM_DISABLE is read when tqdm is imported)
     return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
                                                 dtype=torch.float32).eval()
 
