@@ -293,11 +293,21 @@ class KVCache:
     Without a window it holds every position up to `max_len`. With a sliding window W the model
     never looks further back than W tokens, so the cache is a ring of W slots: position p lives in
     slot p % W, and memory stays fixed however long the story gets. The order of slots does not
-    matter to attention (a softmax over a set), only that each slot holds a visible key."""
+    matter to attention (a softmax over a set), only that each slot holds a visible key.
 
-    def __init__(self, cfg: GPTConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
-        self.window = cfg.window
-        self.size = cfg.window if cfg.window else max_len
+    Speculative decoding (speculative.py) feeds several tokens at once after the prompt (a draft to
+    check) and then rolls back to the accepted prefix with `truncate`. Without a window, rolling back
+    just moves `pos`: entries past it are overwritten before anything reads them. In a ring of W
+    slots, writing position p destroys position p - W, which a query earlier in the same chunk, or
+    the next query after a rollback, still needs; so `spare` extra slots (a ring of W + spare) keep
+    them: chunks of up to spare + 1 tokens and rollbacks of up to spare positions are then exact."""
+
+    def __init__(self, cfg: GPTConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32,
+                 spare: int = 0):
+        if spare < 0:
+            raise ValueError(f"KVCache: spare must be >= 0, got {spare}")
+        self.window, self.spare = cfg.window, spare
+        self.size = cfg.window + spare if cfg.window else max_len
         shape = (cfg.n_layer, batch_size, cfg.n_kv_head, self.size, cfg.head_size)
         self.k = torch.zeros(shape, device=device, dtype=dtype)  # (L, B, nkv, S, hs)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
@@ -305,7 +315,7 @@ class KVCache:
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Store this chunk's k, v (B, nkv, T, hs); return the keys/values to attend to and whether
-        the kernel must still apply the causal/window mask (prompt) or not (decoding)."""
+        the kernel must still apply the causal/window mask (prompt, chunks) or not (one token)."""
         T = k.shape[2]
         if self.pos == 0:  # the prompt: attend within the chunk with the usual mask, keep its tail
             n = min(T, self.size)
@@ -313,15 +323,36 @@ class KVCache:
             self.k[layer].index_copy_(2, slots, k[:, :, T - n:].to(self.k.dtype))
             self.v[layer].index_copy_(2, slots, v[:, :, T - n:].to(self.v.dtype))
             return k, v, True
-        if T != 1:
-            raise ValueError("KVCache: after the prompt, feed one token at a time")
-        if not self.window and self.pos >= self.size:
-            raise ValueError(f"KVCache is full ({self.size} positions): start a new one")
-        slot = self.pos % self.size
-        self.k[layer, :, :, slot] = k[:, :, 0]
-        self.v[layer, :, :, slot] = v[:, :, 0]
-        n = min(self.pos + 1, self.size)  # every stored key is in the past and inside the window
-        return self.k[layer, :, :, :n], self.v[layer, :, :, :n], False
+        if not self.window:
+            if self.pos + T > self.size:
+                raise ValueError(f"KVCache is full ({self.size} positions): start a new one")
+            self.k[layer, :, :, self.pos:self.pos + T] = k
+            self.v[layer, :, :, self.pos:self.pos + T] = v
+            n = self.pos + T  # queries are the last T of these n keys (bottom-right aligned mask)
+            return self.k[layer, :, :, :n], self.v[layer, :, :, :n], T > 1
+        if T > self.spare + 1:
+            raise ValueError(f"KVCache: a chunk of {T} tokens after the prompt needs a ring with spare >= "
+                             f"{T - 1} extra slots (this one has spare={self.spare})")
+        slots = torch.arange(self.pos, self.pos + T, device=k.device) % self.size
+        self.k[layer].index_copy_(2, slots, k.to(self.k.dtype))
+        self.v[layer].index_copy_(2, slots, v.to(self.v.dtype))
+        if T == 1 and not self.spare:  # the plain ring: every stored key is in the past and the window
+            n = min(self.pos + 1, self.size)
+            return self.k[layer, :, :, :n], self.v[layer, :, :, :n], False
+        # positions pos - W + 1 .. pos + T - 1 (all a query of this chunk may see), in order of position,
+        # so the usual bottom-right causal + window mask applies; W + spare slots still hold them all
+        first = max(0, self.pos - self.window + 1)
+        order = torch.arange(first, self.pos + T, device=k.device) % self.size
+        return self.k[layer].index_select(2, order), self.v[layer].index_select(2, order), T > 1
+
+    def truncate(self, n: int) -> None:
+        """Forget positions n, n+1, ... (a rejected draft): the next token fed is position n."""
+        if not 0 <= n <= self.pos:
+            raise ValueError(f"KVCache.truncate({n}): can keep 0 to {self.pos} positions (those seen)")
+        if self.window and self.pos - n > self.spare:
+            raise ValueError(f"KVCache.truncate: rolling a sliding-window ring back {self.pos - n} positions "
+                             f"needs spare >= {self.pos - n} (this one has spare={self.spare})")
+        self.pos = n
 
 
 class Attention(nn.Module):
