@@ -584,12 +584,13 @@ def check_sampling(temperature: float, top_k: int, top_p: float) -> None:
         raise ValueError(f"top_p must be in (0, 1] (1 = off), got {top_p}")
 
 
-def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Draw one token id per row of logits (B, V) -> (B,). temperature 0 means greedy."""
+def filtered_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
+                   top_p: float = 1.0) -> torch.Tensor:
+    """The distribution sample_next draws from, one row per row of logits (B, V) -> (B, V): softmax of
+    logits / temperature over the top-k and nucleus tokens; temperature 0 puts all mass on the argmax."""
     check_sampling(temperature, top_k, top_p)
     if temperature == 0:
-        return logits.argmax(-1)
+        return F.one_hot(logits.argmax(-1), logits.size(-1)).float()
     logits = logits.float() / temperature
     if top_k:  # keep the k largest logits
         kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]  # (B, 1)
@@ -600,7 +601,16 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, 
         drop = cum - sorted_logits.softmax(-1) >= top_p  # mass before this token already >= top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = logits.softmax(-1)
+    return logits.softmax(-1)
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Draw one token id per row of logits (B, V) -> (B,). temperature 0 means greedy."""
+    check_sampling(temperature, top_k, top_p)
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = filtered_probs(logits, temperature, top_k, top_p)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
 
 
