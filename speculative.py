@@ -27,9 +27,9 @@ References
   the same): the draft's output layer is most of its cost, and the rule stays exact for any draft.
 
 Run it
-    python speculative.py                      # toy target / draft / MTP pairs: train, measure, plot (~15 min)
+    python speculative.py                    # toy target / draft / MTP pairs: train, measure, plot (~15 min)
     python speculative.py --gammas=1,2,4 --n_prompts=4 --compile=false   # a quicker look
-    python speculative.py --help               # every option
+    python speculative.py --help             # every option
 
 Not covered: tree drafts (SpecInfer, Medusa, EAGLE-2), batched speculative decoding (each row accepts a
 different number of tokens, so caches get ragged: pad and mask per row, or advance all rows by the
@@ -62,9 +62,9 @@ ROOT = Path(__file__).resolve().parent
 # The arithmetic (Leviathan et al., section 3). Say every draft token is accepted independently with
 # probability alpha. A round drafts gamma tokens and calls the target once; it yields the accepted run
 # plus one token from the target (the correction, or a bonus token when all gamma pass), so
-#     E[tokens per target call] = 1 + alpha + ... + alpha^gamma = (1 - alpha^(gamma+1)) / (1 - alpha)   (eq. 1)
+#     E[tokens per target call] = 1 + alpha + ... + alpha^gamma = (1 - alpha^(gamma+1)) / (1 - alpha)  (eq. 1)
 # and a round costs gamma draft steps + one target call, c = draft step / target step, so
-#     speedup = (1 - alpha^(gamma+1)) / ((1 - alpha) (gamma c + 1))                                    (Thm 3.8)
+#     speedup = (1 - alpha^(gamma+1)) / ((1 - alpha) (gamma c + 1))                               (Thm 3.8)
 # The verify call scores gamma + 1 positions, but on a machine that is bound by reading weights (batch
 # 1 decoding) that costs about one position; where it does not, the measured speedup falls short.
 
@@ -165,8 +165,8 @@ def speculative_generate(target: "EagerRunner | StaticRunner", drafter: "ModelDr
         raise ValueError(f"this draft proposes at most {drafter.max_gamma} tokens per round (one per MTP "
                          f"module), got gamma={gamma}")
     if drafter.vocab_size != target.vocab_size:
-        raise ValueError(f"the draft and the target must share a vocabulary: the draft has {drafter.vocab_size} "
-                         f"tokens, the target {target.vocab_size}")
+        raise ValueError(f"the draft and the target must share a vocabulary: the draft has "
+                         f"{drafter.vocab_size} tokens, the target {target.vocab_size}")
     target.reset()
     drafter.reset()
     seq, n0 = list(prompt), len(prompt)
@@ -345,8 +345,19 @@ class MTPModule(nn.Module):
         return self.block(x, rope, cache)  # eq. 22
 
 
+def mtp_modules(cfg: gpt.GPTConfig, D: int) -> nn.ModuleList:
+    """D MTP modules with gpt.GPT's init: N(0, init_std), residual outputs / sqrt(2 L) (GPT-2 section 2.3)."""
+    modules = nn.ModuleList(MTPModule(cfg) for _ in range(D))
+    for name, p in modules.named_parameters():
+        if p.dim() == 2:
+            scaled = name.endswith(("attention.wo.weight", "feed_forward.w2.weight"))
+            nn.init.normal_(p, 0.0, cfg.init_std / (math.sqrt(2 * cfg.n_layer) if scaled else 1.0))
+    return modules
+
+
 def forward_hidden(model: gpt.GPT, idx: torch.Tensor, targets: Optional[torch.Tensor] = None,
-                   cache: Optional[gpt.KVCache] = None) -> tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
+                   cache: Optional[gpt.KVCache] = None) -> tuple[torch.Tensor, Optional[torch.Tensor],
+                                                                  torch.Tensor]:
     """gpt.GPT.forward plus the last hidden state h^0 (B, T, C): the input of the final norm, caught by a
     hook because GPT.forward returns only logits and loss."""
     box = {}
@@ -366,25 +377,33 @@ def rope_for(model: gpt.GPT, start: int, T: int, device=None) -> Optional[tuple]
     return gpt.rope_cos_sin(torch.arange(start, start + T, device=device), cfg.head_size, cfg.rope_theta)
 
 
-def mtp_logits(model: gpt.GPT, modules: nn.ModuleList, h: torch.Tensor, idx: torch.Tensor) -> list[torch.Tensor]:
+def mtp_logits(model: gpt.GPT, modules: nn.ModuleList, h: torch.Tensor, idx: torch.Tensor,
+               subset: Optional[torch.Tensor] = None) -> list[torch.Tensor]:
     """Each depth's logits from the main model's h^0 (B, T, C) over tokens idx (B, T): depth k's (B, T-k, V)
-    row i is its distribution of token t_{i+k+1} (eqs. 21-23)."""
+    row i is its distribution of token t_{i+k+1} (eqs. 21-23); over the subset's N tokens if given."""
     B, T = idx.shape
     emb = model.tok_embeddings(idx)  # (B, T, C), the shared embedding
+    W = model.output.weight if subset is None else model.output.weight[subset]  # (V or N, C)
     out = []
     for k, module in enumerate(modules, start=1):
         if T - k < 1:
             break
         h = module(h[:, :T - k], emb[:, k:], rope_for(model, 0, T - k, idx.device))  # (B, T-k, C)
-        out.append(model.output(module.norm(h)))  # (B, T-k, V), the shared output head (eq. 23)
+        out.append(F.linear(module.norm(h), W))  # (B, T-k, V or N), the shared output head (eq. 23)
     return out
 
 
 def mtp_losses(model: gpt.GPT, modules: nn.ModuleList, h: torch.Tensor, idx: torch.Tensor,
-               targets: torch.Tensor) -> list[torch.Tensor]:
-    """The D cross-entropies of eq. 24, from the main model's h^0 (B, T, C) and the pair (idx, targets)."""
+               targets: torch.Tensor, subset: Optional[torch.Tensor] = None) -> list[torch.Tensor]:
+    """The D cross-entropies of eq. 24, from the main model's h^0 (B, T, C) and the pair (idx, targets).
+    With a subset the softmax runs over its tokens only and other targets are skipped (a draft that will
+    only ever propose subset tokens, trained at a fraction of the output layer's cost)."""
+    if subset is not None:  # token id -> its index in the subset, -1 (ignored) if absent
+        where = torch.full((model.cfg.vocab_size,), -1, dtype=torch.long, device=idx.device)
+        where[subset] = torch.arange(len(subset), device=idx.device)
+        targets = torch.where(targets >= 0, where[targets.clamp(min=0)], -1)
     out = []
-    for k, logits in enumerate(mtp_logits(model, modules, h, idx), start=1):
+    for k, logits in enumerate(mtp_logits(model, modules, h, idx, subset), start=1):
         _, tgt = mtp_shift(idx, targets, k)  # (B, T-k): y[i+k] = t_{i+k+1}
         out.append(F.cross_entropy(logits.float().flatten(0, 1), tgt.flatten(), ignore_index=-1))
     return out
@@ -398,11 +417,7 @@ class MTPGPT(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.main = gpt.GPT(cfg)
-        self.mtp = nn.ModuleList(MTPModule(cfg) for _ in range(cfg.n_mtp))
-        for name, p in self.mtp.named_parameters():  # GPT's init (GPT-2 section 2.3 for the residual outputs)
-            if p.dim() == 2:
-                scaled = name.endswith(("attention.wo.weight", "feed_forward.w2.weight"))
-                nn.init.normal_(p, 0.0, cfg.init_std / (math.sqrt(2 * cfg.n_layer) if scaled else 1.0))
+        self.mtp = mtp_modules(cfg, cfg.n_mtp)
         self.last_mtp_losses: list[float] = []
 
     def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None):
@@ -448,7 +463,8 @@ class MTPDrafter:
         self.model, self.modules, self.subset = model, modules, subset
         self.vocab_size, self.max_gamma = model.cfg.vocab_size, len(modules)
         dtype = model.tok_embeddings.weight.dtype
-        self.H = [torch.zeros(max_len, model.cfg.n_embd, dtype=dtype) for _ in range(len(modules) + 1)]  # (S, C)
+        self.H = [torch.zeros(max_len, model.cfg.n_embd, dtype=dtype)  # (S, C) per depth
+                  for _ in range(len(modules) + 1)]
         if static or compile:
             self.runners = [StaticMTPRunner(model, m, max_len, subset, compile) for m in modules]
         else:
@@ -583,18 +599,18 @@ def static_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     visible: fixed shapes whatever the position. Query head h reads kv head h // (nh / nkv) (GQA)."""
     B, nh, T, hs = q.shape
     nkv, S = k.shape[1], k.shape[2]
-    g = nh // nkv
-    scores = (q.reshape(B, nkv, g * T, hs) @ k.transpose(-2, -1)) / math.sqrt(hs)  # (B, nkv, g*T, S)
-    scores = scores.view(B, nkv, g, T, S)
+    rep = nh // nkv  # query heads per kv head
+    scores = (q.reshape(B, nkv, rep * T, hs) @ k.transpose(-2, -1)) / math.sqrt(hs)  # (B, nkv, rep*T, S)
+    scores = scores.view(B, nkv, rep, T, S)
     if soft_cap:
         scores = soft_cap * torch.tanh(scores / soft_cap)
     scores = scores.masked_fill(~mask, float("-inf"))
     if sinks is not None:  # the sink column joins the softmax denominator, then is dropped (gpt.py)
-        sink = sinks.to(scores.dtype).view(1, nkv, g, 1, 1).expand(B, nkv, g, T, 1)
+        sink = sinks.to(scores.dtype).view(1, nkv, rep, 1, 1).expand(B, nkv, rep, T, 1)
         probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :S]
     else:
-        probs = torch.softmax(scores, dim=-1)  # (B, nkv, g, T, S)
-    return (probs.reshape(B, nkv, g * T, S) @ v).view(B, nh, T, hs)  # (B, nh, T, hs)
+        probs = torch.softmax(scores, dim=-1)  # (B, nkv, rep, T, S)
+    return (probs.reshape(B, nkv, rep * T, S) @ v).view(B, nh, T, hs)  # (B, nh, T, hs)
 
 
 class StaticCache:
@@ -660,9 +676,11 @@ class StaticRunner:
 
     def head_subset(self, subset: Optional[torch.Tensor]) -> None:
         self.subset = subset
-        self.head = self.model.output.weight if subset is None else self.model.output.weight[subset].contiguous()
+        w = self.model.output.weight
+        self.head = w if subset is None else w[subset].contiguous()  # (N, C): the subset's rows
 
-    def step(self, idx: torch.Tensor, pos: torch.Tensor, last_only: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def step(self, idx: torch.Tensor, pos: torch.Tensor,
+             last_only: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """idx (1, T) at positions pos (T,) -> logits (1, T or 1, V or N), hidden (1, T, C)."""
         m = self.model
         x = m.tok_embeddings(idx)  # (1, T, C)
@@ -702,7 +720,8 @@ class StaticMTPRunner:
         self.pos = 0
         self.compiled = torch.compile(self.step, dynamic=None) if compile else self.step
 
-    def step(self, h: torch.Tensor, idx: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def step(self, h: torch.Tensor, idx: torch.Tensor,
+             pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """h^{k-1} (1, T, C) and tokens t_{i+k} (1, T) at positions pos (T,) -> h^k (1, T, C), logits of
         the last position (1, V or N)."""
         m, mod = self.model, self.module
@@ -771,29 +790,32 @@ def mtp_val_losses(model: MTPGPT, tokens: np.ndarray, n_windows: int = 16) -> di
 
 def train_mtp_frozen(model: gpt.GPT, modules: nn.ModuleList, tokens: np.ndarray, steps: int, n_windows: int,
                      block_size: int, batch_size: int = 8, lr: float = 3e-3, seed: int = 0,
-                     log=print) -> list[float]:
+                     subset: Optional[torch.Tensor] = None, log=print) -> list[float]:
     """Train MTP modules on top of a frozen model from its cached hidden states: one no-grad pass of the
-    model over n_windows random windows, then AdamW on the modules alone (embedding and head frozen)."""
+    model over n_windows random windows, then AdamW on the modules alone (embedding and head frozen),
+    the softmax over `subset`'s tokens if given (see mtp_losses)."""
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, len(tokens) - block_size - 1, (n_windows,), generator=gen)
     x, y = gpt.get_batch(tokens, starts, block_size)  # (N, T) each
     model.eval().requires_grad_(False)
     with torch.no_grad():  # the cache: h^0 of every window, computed once
-        hs = torch.cat([forward_hidden(model, x[i:i + batch_size])[2] for i in range(0, n_windows, batch_size)])
+        hs = torch.cat([forward_hidden(model, x[i:i + batch_size])[2]  # (N, T, C)
+                        for i in range(0, n_windows, batch_size)])
     modules.train().requires_grad_(True)
     opt = torch.optim.AdamW(modules.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     history = []
+    schedule = gpt.TrainConfig(max_iters=steps, warmup_iters=max(1, steps // 10))  # warmup, cosine to 10%
     for step in range(steps):
-        for g in opt.param_groups:  # linear warmup, cosine decay to 10%
-            g["lr"] = lr * gpt.lr_factor(step, gpt.TrainConfig(max_iters=steps, warmup_iters=max(1, steps // 10)))
+        for g in opt.param_groups:
+            g["lr"] = lr * gpt.lr_factor(step, schedule)
         i = torch.randint(0, n_windows, (batch_size,), generator=gen)
-        loss = torch.stack(mtp_losses(model, modules, hs[i], x[i], y[i])).mean()
+        loss = torch.stack(mtp_losses(model, modules, hs[i], x[i], y[i], subset)).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(modules.parameters(), 1.0)
         opt.step()
-        history.append(float(loss))
-        if (step + 1) % max(1, steps // 5) == 0:
+        history.append(loss.item())
+        if (step + 1) % max(1, steps // 10) == 0:
             log(f"  frozen-model MTP step {step + 1}/{steps}: loss {np.mean(history[-20:]):.4f}")
     modules.eval().requires_grad_(False)
     return history
@@ -819,7 +841,6 @@ def acceptance_rates(target: gpt.GPT, texts: list[list[int]], n_prompt: int, tem
     teacher-forced over the target's own continuations (texts = prompt + continuation, the first n_prompt
     tokens the prompt). One alpha for a draft model; one per depth for MTP (depth k's acceptance given
     that the k-1 drafts before it were accepted, so its inputs were the true tokens)."""
-    V = target.cfg.vocab_size
     sums: dict[int, list[float]] = {}
     for ids in texts:
         idx = torch.tensor([ids])
@@ -892,41 +913,51 @@ def interleaved(methods: dict, n_prompts: int, repeats: int = 1) -> dict:
 class DemoConfig:
     """Toy pairs trained with gpt.py's loop, then every decoder measured on the same prompts and seeds."""
 
+    pair: str = "toy"  # toy: target, 1-layer draft and MTP model trained here | smollm2: SmolLM2-135M-
+    #                    Instruct (pretrained.py) self-drafting with MTP modules trained on it, frozen
     out_dir: str = "out/speculative"  # checkpoints (reused by later runs) and non-default plots
     target_layers: int = 6  # the target: gpt.py's model, deeper and wider than its default
-    target_embd: int = 192
+    target_embd: int = 192  # its width C
     draft_layers: int = 1  # the draft: one layer, trained on the same data
-    draft_embd: int = 128
+    draft_embd: int = 128  # its width C
     n_mtp: int = 2  # D: MTP modules of the MTP model (trained jointly, same steps and data as the target)
     mtp_lambda: float = 0.3  # lambda of DeepSeek-V3 eq. 25
     iters: int = 300  # training steps of the target and of the MTP model
     draft_iters: int = 300  # training steps of the draft
-    lr: float = 6e-3
+    lr: float = 6e-3  # peak learning rate of all three (gpt.py's default)
     n_prompts: int = 8  # story openings from the validation split
-    prompt_tokens: int = 16
-    max_new_tokens: int = 128
+    prompt_tokens: int = 16  # each prompt: a story's first tokens
+    max_new_tokens: int = 128  # tokens each method generates per prompt (no stop at <|endoftext|>)
     gammas: str = "1,2,3,4,6"  # draft lengths of the draft pair (the MTP pair uses 1..n_mtp)
     temperature: float = 0.8  # the sampled runs (every method also runs greedy)
-    top_k: int = 0
-    top_p: float = 0.95
+    top_k: int = 0  # the sampled runs' top-k (0 = off), applied to p and q alike
+    top_p: float = 0.95  # the sampled runs' nucleus, applied to p and q alike
     draft_vocab: int = 1024  # drafts score only this many most frequent train tokens (FR-Spec); 0 = all
     compile: bool = True  # also measure the torch.compile'd static decoders (the fast baseline)
     repeats: int = 1  # timed passes over the prompts
     decode_threads: int = 1  # torch threads while decoding (batch-1 decoding of small models: 1 is fastest)
     num_threads: int = 0  # torch threads while training; 0 = torch's default
-    seed: int = 1337
+    smollm2_steps: int = 200  # smollm2: MTP training steps on the frozen model's cached hidden states
+    smollm2_windows: int = 96  # smollm2: TinyStories train windows whose hidden states are cached
+    smollm2_block: int = 128  # smollm2: tokens per window
+    smollm2_lr: float = 3e-3  # smollm2: peak learning rate of the MTP modules
+    smollm2_draft_vocab: int = 4096  # smollm2: the MTP modules train and draft over this many frequent tokens
+    seed: int = 1337  # training seed; prompt i is sampled with seed + i by every method
     plot: str = "auto"  # auto: assets/speculative.png for the default run, out_dir/speculative.png otherwise
 
     def __post_init__(self):
         if not self.gamma_list or min(self.gamma_list) < 1:
             raise ValueError(f"gammas must be a comma-separated list of integers >= 1, got {self.gammas!r}")
         for name in ("target_layers", "target_embd", "draft_layers", "draft_embd", "n_mtp", "iters",
-                     "draft_iters", "n_prompts", "prompt_tokens", "max_new_tokens", "repeats", "decode_threads"):
+                     "draft_iters", "n_prompts", "prompt_tokens", "max_new_tokens", "repeats",
+                     "decode_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         gpt.check_sampling(self.temperature, self.top_k, self.top_p)
         if self.temperature == 0:
             raise ValueError("temperature is the sampled runs' (greedy runs always happen): use > 0")
+        if self.pair not in ("toy", "smollm2"):
+            raise ValueError(f"pair must be toy or smollm2, not {self.pair!r}")
 
     @property
     def gamma_list(self) -> list[int]:
@@ -939,20 +970,21 @@ class DemoConfig:
 def demo_models(dc: DemoConfig, log=print) -> dict:
     """Train (or reuse) the target, the MTP model (same recipe + MTP) and the draft."""
     base = dict(n_layer=dc.target_layers, n_embd=dc.target_embd)
-    tc = gpt.TrainConfig(max_iters=dc.iters, warmup_iters=max(1, dc.iters // 10), lr=dc.lr, eval_interval=10 ** 9,
-                         log_interval=50, ckpt_interval=10 ** 9, seed=dc.seed, num_threads=dc.num_threads)
+    tc = gpt.TrainConfig(max_iters=dc.iters, warmup_iters=max(1, dc.iters // 10), lr=dc.lr,
+                         eval_interval=10 ** 9, log_interval=50, ckpt_interval=10 ** 9, seed=dc.seed,
+                         num_threads=dc.num_threads)
     target_cfg = gpt.GPTConfig(**base)
     mtp_cfg = MTPConfig(**base, n_mtp=dc.n_mtp, mtp_lambda=dc.mtp_lambda)
     draft_cfg = gpt.GPTConfig(n_layer=dc.draft_layers, n_embd=dc.draft_embd)
     out = Path(dc.out_dir)
-    target, f_t = train_or_load("target", target_cfg, dataclasses.replace(tc, out_dir=str(out / "target")), log=log)
+    run = lambda name, **kw: dataclasses.replace(tc, out_dir=str(out / name), **kw)  # noqa: E731
+    target, f_t = train_or_load("target", target_cfg, run("target"), log=log)
     enc = gpt.build_tokenizer(target_cfg.vocab_size)[0]
     val = gpt.load_tokens("valid", enc)
     probe = lambda model, it: mtp_val_losses(model, val)  # noqa: E731
-    mtp, f_m = train_or_load("MTP model", mtp_cfg, dataclasses.replace(tc, out_dir=str(out / "mtp")), mtp=True,
-                             probe=probe, log=log)
-    draft, f_d = train_or_load("draft", draft_cfg, dataclasses.replace(
-        tc, max_iters=dc.draft_iters, warmup_iters=max(1, dc.draft_iters // 10), out_dir=str(out / "draft")), log=log)
+    mtp, f_m = train_or_load("MTP model", mtp_cfg, run("mtp"), mtp=True, probe=probe, log=log)
+    draft, f_d = train_or_load("draft", draft_cfg, run("draft", max_iters=dc.draft_iters,
+                                                       warmup_iters=max(1, dc.draft_iters // 10)), log=log)
     return dict(target=target, mtp=mtp, draft=draft, enc=enc, finals=dict(target=f_t, mtp=f_m, draft=f_d))
 
 
@@ -964,12 +996,14 @@ def plain_speed(models: dict[str, gpt.GPT], prompts: list[list[int]], N: int, co
     for name, model in models.items():
         S = max(map(len, prompts)) + N + 1
         static = StaticRunner(model, S)
-        methods[f"{name}/generate"] = lambda i, m=model: (gpt.generate(m, prompts[i], N, temperature=0)[0], {})
+        methods[f"{name}/generate"] = lambda i, m=model: (gpt.generate(m, prompts[i], N, temperature=0)[0],
+                                                          {})
         methods[f"{name}/static"] = lambda i, r=static: (plain_generate(r, prompts[i], N, temperature=0), {})
         if compile:
             fast = StaticRunner(model, S, compile=True)
             plain_generate(fast, prompts[0], 4, temperature=0)  # compile before timing
-            methods[f"{name}/compiled"] = lambda i, r=fast: (plain_generate(r, prompts[i], N, temperature=0), {})
+            methods[f"{name}/compiled"] = lambda i, r=fast: (plain_generate(r, prompts[i], N, temperature=0),
+                                                             {})
     return interleaved(methods, len(prompts), repeats)
 
 
@@ -977,30 +1011,37 @@ def speculative_runs(dc: DemoConfig, m: dict, prompts: list[list[int]], subset: 
                      engine: str, temperature: float, log=print) -> dict:
     """Plain decoding of both targets and every speculative pair x gamma, one engine, one sampling mode,
     interleaved on the same prompts with the same seeds (a fresh generator per prompt)."""
-    N, gammas, D = dc.max_new_tokens, dc.gamma_list, dc.n_mtp
+    target, mtp, draft = m["target"], m["mtp"], m["draft"]  # draft and target: None for the MTP pair alone
+    N, gammas, D = dc.max_new_tokens, dc.gamma_list if draft is not None else [], dc.n_mtp
     S = dc.prompt_tokens + N + max(gammas + [D]) + 2
     G = max(gammas + [D])
-    target, mtp, draft = m["target"], m["mtp"], m["draft"]
     samp = (temperature, dc.top_k, dc.top_p)
     gen = lambda i: torch.Generator().manual_seed(dc.seed + i)  # noqa: E731
     methods = {}
+    targets = {"mtp": mtp.main} if draft is None else {"target": target, "mtp": mtp.main}
     if engine == "eager":
-        tT, tM = EagerRunner(target, S, G), EagerRunner(mtp.main, S, G, want_hidden=True)
-        dd = ModelDrafter(EagerRunner(draft, S, G), subset)
+        tT = EagerRunner(target, S, G) if draft is not None else None
+        tM = EagerRunner(mtp.main, S, G, want_hidden=True)
+        dd = ModelDrafter(EagerRunner(draft, S, G), subset) if draft is not None else None
         md = MTPDrafter(mtp.main, mtp.mtp, S, 2 * G, subset)
-        methods["target/plain"] = lambda i: (gpt.generate(target, prompts[i], N, 1, *samp, generator=gen(i))[0], {})
-        methods["mtp/plain"] = lambda i: (gpt.generate(mtp.main, prompts[i], N, 1, *samp, generator=gen(i))[0], {})
+        for name, model in targets.items():  # today's eager decoder
+            methods[f"{name}/plain"] = lambda i, model=model: (
+                gpt.generate(model, prompts[i], N, 1, *samp, generator=gen(i))[0], {})
     else:
-        tT = StaticRunner(target, S, compile=True)
+        tT = StaticRunner(target, S, compile=True) if draft is not None else None
         tM = StaticRunner(mtp.main, S, compile=True, want_hidden=True)
-        dd = ModelDrafter(StaticRunner(draft, S, compile=True), subset)
+        dd = ModelDrafter(StaticRunner(draft, S, compile=True), subset) if draft is not None else None
         md = MTPDrafter(mtp.main, mtp.mtp, S, subset=subset, compile=True)
-        methods["target/plain"] = lambda i: (plain_generate(tT, prompts[i], N, *samp, generator=gen(i)), {})
-        methods["mtp/plain"] = lambda i: (plain_generate(tM, prompts[i], N, *samp, generator=gen(i)), {})
+        for name, r in (("target", tT), ("mtp", tM)):
+            if r is not None:
+                methods[f"{name}/plain"] = lambda i, r=r: (
+                    plain_generate(r, prompts[i], N, *samp, generator=gen(i)), {})
     for g in gammas:
-        methods[f"draft/{g}"] = lambda i, g=g: speculative_generate(tT, dd, prompts[i], N, g, *samp, generator=gen(i))
+        methods[f"draft/{g}"] = lambda i, g=g: speculative_generate(tT, dd, prompts[i], N, g, *samp,
+                                                                    generator=gen(i))
     for g in range(1, D + 1):
-        methods[f"mtp/{g}"] = lambda i, g=g: speculative_generate(tM, md, prompts[i], N, g, *samp, generator=gen(i))
+        methods[f"mtp/{g}"] = lambda i, g=g: speculative_generate(tM, md, prompts[i], N, g, *samp,
+                                                                  generator=gen(i))
     t0 = time.time()
     for name, fn in methods.items():  # warm-up: compiles every graph before anything is timed
         fn(0)
@@ -1019,7 +1060,7 @@ def summarize(runs: dict, alphas: dict, mode_t: float, engine: str, dc: DemoConf
         if g == "plain":
             continue
         g = int(g)
-        base = runs[f"{'target' if pair == 'draft' else 'mtp'}/plain"]
+        base = runs["target/plain" if pair == "draft" else "mtp/plain"]  # the same target, decoded plainly
         st = r["stats"]
         step = base["wall"] / base["tokens"]  # one plain target step, s
         c = st["draft_s"] / max(1, st["drafted"]) / step
@@ -1031,7 +1072,8 @@ def summarize(runs: dict, alphas: dict, mode_t: float, engine: str, dc: DemoConf
                          alpha=a[0] if pair == "draft" else a[g - 1], alpha_run=a_run,
                          tpc_pred=tpc, tpc=r["tokens"] / max(1, st["rounds"]), c=c,
                          verify=st["target_s"] / max(1, st["rounds"]) / step,
-                         speedup_pred=tpc / (g * c + 1), speedup=(r["tokens"] / r["wall"]) / (base["tokens"] / base["wall"]),
+                         speedup_pred=tpc / (g * c + 1),
+                         speedup=(r["tokens"] / r["wall"]) / (base["tokens"] / base["wall"]),
                          speedup_cpu=(r["tokens"] / r["cpu"]) / (base["tokens"] / base["cpu"]),
                          tok_s=r["tokens"] / r["wall"], base_tok_s=base["tokens"] / base["wall"],
                          identical=same if mode_t == 0 else None, n=len(r["outputs"])))
@@ -1042,7 +1084,8 @@ def plot_demo(rows: list[dict], path: Path, dc: DemoConfig) -> None:
     plt = gpt.pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.3))
     gs = np.arange(1, max(dc.gamma_list) + 1)
-    colors = {("draft", 0.0): "C0", ("draft", dc.temperature): "C1", ("mtp", 0.0): "C2", ("mtp", dc.temperature): "C3"}
+    colors = {("draft", 0.0): "C0", ("draft", dc.temperature): "C1", ("mtp", 0.0): "C2",
+              ("mtp", dc.temperature): "C3"}
     for (pair, t), col in colors.items():
         sel = [r for r in rows if r["pair"] == pair and r["temperature"] == t]
         if not sel:
@@ -1055,7 +1098,8 @@ def plot_demo(rows: list[dict], path: Path, dc: DemoConfig) -> None:
             axes[0].plot(gs, [expected_tokens_per_call(a, g) for g in gs], "--", color=col,
                          label=f"{lab}: eq. 1 with alpha={a:.2f} (dots: measured)")
         else:
-            alphas = [r["alpha"] for r in sorted(sel, key=lambda r: r["gamma"]) if r["engine"] == sel[0]["engine"]]
+            alphas = [r["alpha"] for r in sorted(sel, key=lambda r: r["gamma"])
+                      if r["engine"] == sel[0]["engine"]]
             g2 = np.arange(1, len(alphas) + 1)
             axes[0].plot(g2, [expected_tokens_per_call_depths(alphas[:g]) for g in g2], "--", color=col,
                          label=f"{lab}: 1 + a1 + a1 a2.. (dots: measured)")
@@ -1064,7 +1108,10 @@ def plot_demo(rows: list[dict], path: Path, dc: DemoConfig) -> None:
             if es:
                 axes[1].plot([r["gamma"] for r in es], [r["speedup"] for r in es], mk, color=col,
                              label=f"{lab}, {eng}")
-                axes[1].plot([r["gamma"] for r in es], [r["speedup_pred"] for r in es], "--", color=col, alpha=0.4)
+                axes[1].plot([r["gamma"] for r in es], [r["speedup_pred"] for r in es], "--", color=col,
+                             alpha=0.4)
+    for ax in axes:
+        ax.xaxis.get_major_locator().set_params(integer=True)
     axes[0].set_xlabel("gamma (tokens drafted per round)")
     axes[0].set_ylabel("tokens per target call")
     axes[0].set_title("tokens per target call: predicted (dashed) vs measured", fontsize=10)
@@ -1078,10 +1125,49 @@ def plot_demo(rows: list[dict], path: Path, dc: DemoConfig) -> None:
     gpt.save_figure(fig, path)
 
 
-def main(argv: list[str]) -> dict:
-    dc = gpt.config_from_args(DemoConfig, argv, __doc__, "speculative.py")
-    t_start = time.time()
+def smollm2_models(dc: DemoConfig, log=print) -> dict:
+    """SmolLM2-135M-Instruct (pretrained.py) as the target, and D MTP modules trained on top of it, frozen,
+    from its cached hidden states on TinyStories (cached in out_dir/smollm2/mtp.pt)."""
+    try:
+        import pretrained  # the real model's loader: only this pair needs it
+    except ImportError as e:
+        raise RuntimeError("--pair=smollm2 needs pretrained.py (the GGUF loader of SmolLM2)") from e
+    context = dc.prompt_tokens + dc.max_new_tokens + 2 * dc.n_mtp + 8
+    model, enc, _ = pretrained.load(context=max(context, dc.smollm2_block + 1))
+    model.eval().requires_grad_(False)
+    V = model.cfg.vocab_size
+    train_tok = pretrained.validation_tokens(enc, V, "train")
+    subset, cover = frequent_tokens(train_tok, dc.smollm2_draft_vocab, V)
+    key = dict(n_mtp=dc.n_mtp, steps=dc.smollm2_steps, windows=dc.smollm2_windows, block=dc.smollm2_block,
+               lr=dc.smollm2_lr, draft_vocab=dc.smollm2_draft_vocab, seed=dc.seed)
+    path = Path(dc.out_dir) / "smollm2" / "mtp.pt"
     torch.manual_seed(dc.seed)
+    modules = mtp_modules(model.cfg, dc.n_mtp)
+    state = torch.load(path, weights_only=True) if path.exists() else {}
+    if state.get("key") == key:
+        modules.load_state_dict(state["modules"])
+        history = state["history"]
+        log(f"smollm2: reusing the MTP modules in {path}")
+    else:
+        log(f"smollm2: training {dc.n_mtp} MTP module(s) on the frozen model, {dc.smollm2_steps} steps over "
+            f"the hidden states of {dc.smollm2_windows} x {dc.smollm2_block} tokens, softmax over the "
+            f"{len(subset)} most frequent tokens ({cover:.1%} of the text)")
+        t0 = time.time()
+        history = train_mtp_frozen(model, modules, train_tok, dc.smollm2_steps, dc.smollm2_windows,
+                                   dc.smollm2_block, lr=dc.smollm2_lr, seed=dc.seed, subset=subset, log=log)
+        log(f"smollm2: MTP training took {time.time() - t0:.0f} s")
+        with gpt.atomic_path(path) as tmp:
+            torch.save(dict(key=key, modules=modules.state_dict(), history=history), tmp)
+    modules.eval().requires_grad_(False)
+    holder = nn.Module()  # the MTP pair wants .main and .mtp, as an MTPGPT has
+    holder.main, holder.mtp = model, modules
+    return dict(target=None, mtp=holder, draft=None, enc=enc, train_tok=train_tok,
+                val_tok=pretrained.validation_tokens(enc, V, "valid"), subset=subset, cover=cover,
+                ref_models={"SmolLM2-135M-Instruct": model}, mtp_history=history)
+
+
+def toy_models(dc: DemoConfig) -> dict:
+    """The toy pairs (demo_models) and their table: parameters, val loss, MTP's effect on the main loss."""
     m = demo_models(dc)
     enc, finals = m["enc"], m["finals"]
     ft, fm = finals["target"], finals["mtp"]
@@ -1090,26 +1176,35 @@ def main(argv: list[str]) -> dict:
     for name, model, f in (("target", m["target"], ft), ("MTP model (main + modules)", m["mtp"], fm),
                            ("draft", m["draft"], finals["draft"])):
         depths = ", ".join(f"{f[k]:.3f}" for k in sorted(f) if k.startswith("mtp")) or "-"
-        print(f"| {name} | {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M | {f['val_loss']:.4f} | {depths} |")
+        n = sum(p.numel() for p in model.parameters())
+        print(f"| {name} | {n / 1e6:.2f}M | {f['val_loss']:.4f} | {depths} |")
     print(f"MTP's effect on the main next-token loss: {100 * (fm['val_loss'] / ft['val_loss'] - 1):+.2f}% "
           f"(lambda={dc.mtp_lambda}, D={dc.n_mtp})\n")
+    m["train_tok"], m["val_tok"] = gpt.load_tokens("train", enc), gpt.load_tokens("valid", enc)
+    m["subset"], m["cover"] = (frequent_tokens(m["train_tok"], dc.draft_vocab, enc.n_vocab) if dc.draft_vocab
+                               else (None, 1.0))
+    torch.manual_seed(dc.seed)
+    m["ref_models"] = {"target": m["target"],
+                       "gpt.py default (random weights)": gpt.GPT(gpt.GPTConfig()).eval()}
+    return m
 
+
+def measure(dc: DemoConfig, m: dict) -> dict:
+    """Plain decoders, acceptance rates and every speculative method on the same prompts; tables + plot."""
+    enc, subset, N = m["enc"], m["subset"], dc.max_new_tokens
     torch.set_num_threads(dc.decode_threads)
     load0 = os.getloadavg()
-    train_tok, val_tok = gpt.load_tokens("train", enc), gpt.load_tokens("valid", enc)
-    prompts = story_openings(val_tok, enc.eot_token, dc.n_prompts, dc.prompt_tokens)
-    N = dc.max_new_tokens
+    prompts = story_openings(m["val_tok"], enc.eot_token, dc.n_prompts, dc.prompt_tokens)
 
     # 1. the plain decoders: gpt.generate vs the static decoder, eager and compiled
-    torch.manual_seed(dc.seed)
-    ref_models = {"target": m["target"], "gpt.py default (random weights)": gpt.GPT(gpt.GPTConfig()).eval()}
     t0 = time.time()
-    plain = plain_speed(ref_models, prompts, N, dc.compile, dc.repeats)
-    print(f"# plain greedy decoding, batch 1, {dc.decode_threads} thread(s), {dc.n_prompts} prompts x {N} tokens "
-          f"({time.time() - t0:.0f} s incl. compiling)")
-    print("| model | decoder | tokens/s | x gpt.generate (wall) | x gpt.generate (CPU time) | same text as generate |")
+    plain = plain_speed(m["ref_models"], prompts, N, dc.compile, dc.repeats)
+    print(f"# plain greedy decoding, batch 1, {dc.decode_threads} thread(s), {dc.n_prompts} prompts x {N} "
+          f"tokens ({time.time() - t0:.0f} s incl. compiling)")
+    print("| model | decoder | tokens/s | x gpt.generate (wall) | x gpt.generate (CPU time) | "
+          "same text as generate |")
     print("|---|---|---|---|---|---|")
-    for name in ref_models:
+    for name in m["ref_models"]:
         base = plain[f"{name}/generate"]
         for dec in ("generate", "static", "compiled"):
             r = plain.get(f"{name}/{dec}")
@@ -1120,20 +1215,22 @@ def main(argv: list[str]) -> dict:
                   f"{base['cpu'] / r['cpu']:.2f} | {same}/{len(r['outputs'])} |")
 
     # 2. how often drafts are accepted, teacher-forced on the targets' own continuations
-    subset, cover = (frequent_tokens(train_tok, dc.draft_vocab, enc.n_vocab) if dc.draft_vocab
-                     else (None, 1.0))
     if subset is not None:
-        print(f"\ndrafts score the {dc.draft_vocab} most frequent train tokens ({cover:.1%} of the train text)")
+        print(f"\ndrafts score the {len(subset)} most frequent train tokens ({m['cover']:.1%} of the train "
+              "text)")
+    pairs = ([("draft", m["target"])] if m["draft"] is not None else []) + [("mtp", m["mtp"].main)]
     alphas = {}
     for t in (0.0, dc.temperature):
-        for pair, tm in (("draft", m["target"]), ("mtp", m["mtp"].main)):
+        for pair, tm in pairs:
             gen = torch.Generator().manual_seed(dc.seed)
             texts = [p + gpt.generate(tm, p, N, 1, t, dc.top_k, dc.top_p, generator=gen)[0] for p in prompts]
             alphas[(pair, t)] = acceptance_rates(
                 tm, texts, dc.prompt_tokens, t, dc.top_k, dc.top_p, subset=subset,
                 draft=m["draft"] if pair == "draft" else None, mtp=m["mtp"].mtp if pair == "mtp" else None)
     print("\n| draft | alpha, greedy | alpha, " + f"T={dc.temperature} top_p={dc.top_p} |\n|---|---|---|")
-    print(f"| 1-layer draft model | {alphas[('draft', 0.0)][0]:.3f} | {alphas[('draft', dc.temperature)][0]:.3f} |")
+    if m["draft"] is not None:
+        a_d = alphas[("draft", 0.0)][0], alphas[("draft", dc.temperature)][0]
+        print(f"| {dc.draft_layers}-layer draft model | {a_d[0]:.3f} | {a_d[1]:.3f} |")
     for k in range(dc.n_mtp):
         print(f"| MTP depth {k + 1} (given depths < {k + 1} accepted) | {alphas[('mtp', 0.0)][k]:.3f} | "
               f"{alphas[('mtp', dc.temperature)][k]:.3f} |")
@@ -1150,34 +1247,49 @@ def main(argv: list[str]) -> dict:
     print(f"\n{dc.n_prompts} prompts x {N} new tokens, batch 1, {dc.decode_threads} thread(s); load average "
           f"{load0[0]:.1f} -> {load1[0]:.1f}. c = draft time per drafted token / plain target step; "
           "verify = one verify call / plain target step")
-    print("| pair | engine | mode | gamma | alpha (teacher-forced / in run) | tokens per call (eq. 1 / measured) | "
-          "c | verify | tokens/s (plain -> speculative) | speedup (Thm 3.8 / measured wall / CPU time) | "
-          "greedy text identical |")
+    print("| pair | engine | mode | gamma | alpha (teacher-forced / in run) | tokens per call (eq. 1 / "
+          "measured) | c | verify | tokens/s (plain -> speculative) | speedup (Thm 3.8 / measured wall / "
+          "CPU time) | greedy text identical |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         mode = "greedy" if r["temperature"] == 0 else f"T={r['temperature']}"
         ident = f"{r['identical']}/{r['n']}" if r["identical"] is not None else "-"
-        print(f"| {r['pair']} | {r['engine']} | {mode} | {r['gamma']} | {r['alpha']:.3f} / {r['alpha_run']:.3f} | "
-              f"{r['tpc_pred']:.2f} / {r['tpc']:.2f} | {r['c']:.2f} | {r['verify']:.2f} | "
-              f"{r['base_tok_s']:.0f} -> {r['tok_s']:.0f} | {r['speedup_pred']:.2f} / **{r['speedup']:.2f}** / "
-              f"{r['speedup_cpu']:.2f} | {ident} |")
+        print(f"| {r['pair']} | {r['engine']} | {mode} | {r['gamma']} | {r['alpha']:.3f} / "
+              f"{r['alpha_run']:.3f} | {r['tpc_pred']:.2f} / {r['tpc']:.2f} | {r['c']:.2f} | "
+              f"{r['verify']:.2f} | "
+              f"{r['base_tok_s']:.0f} -> {r['tok_s']:.0f} | {r['speedup_pred']:.2f} / **{r['speedup']:.2f}** "
+              f"/ {r['speedup_cpu']:.2f} | {ident} |")
     print()
     for engine in engines:
         for t in (0.0, dc.temperature):
-            sel = [r for r in rows if r["pair"] == "draft" and r["engine"] == engine and r["temperature"] == t]
+            sel = [r for r in rows if (r["pair"], r["engine"], r["temperature"]) == ("draft", engine, t)]
+            if not sel:
+                continue
             c = float(np.mean([r["c"] for r in sel]))
             pick = best_gamma(sel[0]["alpha"], c, max(dc.gamma_list))
             best = max(sel, key=lambda r: r["speedup"])
             print(f"draft pair, {engine}, {'greedy' if t == 0 else f'T={t}'}: predicted best gamma {pick} "
                   f"(alpha {sel[0]['alpha']:.3f}, c {c:.2f}); measured best gamma {best['gamma']} "
                   f"({best['speedup']:.2f}x)")
-    documented = gpt.is_default(dc, ("out_dir", "num_threads", "plot"))
-    path = gpt.plot_path("speculative.png", documented, dc.out_dir, dc.plot)
+    return dict(rows=rows, plain=plain, alphas=alphas, load=(load0[0], load1[0]))
+
+
+def main(argv: list[str]) -> dict:
+    dc = gpt.config_from_args(DemoConfig, argv, __doc__, "speculative.py")
+    t_start = time.time()
+    if dc.num_threads:
+        torch.set_num_threads(dc.num_threads)
+    torch.manual_seed(dc.seed)
+    m = toy_models(dc) if dc.pair == "toy" else smollm2_models(dc)
+    out = measure(dc, m)
+    documented = gpt.is_default(dc, ("out_dir", "num_threads", "plot", "pair"))
+    name = "speculative.png" if dc.pair == "toy" else "speculative_smollm2.png"
+    path = gpt.plot_path(name, documented, dc.out_dir, dc.plot)
     if path:
-        plot_demo(rows, path, dc)
+        plot_demo(out["rows"], path, dc)
         print(f"\nplot: {path}")
     print(f"total {time.time() - t_start:.0f} s")
-    return dict(rows=rows, plain=plain, alphas=alphas, finals=finals)
+    return dict(out, finals=m.get("finals"))
 
 
 if __name__ == "__main__":

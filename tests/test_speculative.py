@@ -70,7 +70,7 @@ def dist(*xs: float) -> torch.Tensor:
 
 
 CASES = {
-    "random": lambda: (torch.rand(6, dtype=torch.float64).softmax(0), torch.rand(6, dtype=torch.float64).softmax(0)),
+    "random": lambda: (dist(*torch.rand(6).tolist()), dist(*torch.rand(6).tolist())),
     "peaked vs flat": lambda: (dist(0.9, 0.05, 0.05, 0, 0, 0), dist(1, 1, 1, 1, 1, 1)),
     "disjoint supports": lambda: (dist(0.5, 0.5, 0, 0), dist(0, 0, 0.3, 0.7)),
     "equal": lambda: (dist(0.2, 0.3, 0.5),) * 2,
@@ -125,7 +125,7 @@ def test_arithmetic_by_hand():
     assert S.expected_tokens_per_call(1.0, 3) == 4.0
     assert S.expected_tokens_per_call(0.0, 5) == 1.0
     assert S.expected_speedup(0.5, 2, 0.25) == pytest.approx(1.75 / 1.5)
-    assert S.expected_tokens_per_call_depths([0.8, 0.8, 0.8]) == pytest.approx(S.expected_tokens_per_call(0.8, 3))
+    assert S.expected_tokens_per_call_depths([0.8] * 3) == pytest.approx(S.expected_tokens_per_call(0.8, 3))
     assert S.expected_tokens_per_call_depths([0.9, 0.5]) == pytest.approx(1 + 0.9 + 0.45)
     # alpha 0.8, c 0.1: speedups 1.64, 2.03, 2.29, 2.45, 2.52, 2.54, 2.53 -> gamma 6 (Leviathan Fig. 3 regime)
     assert S.best_gamma(0.8, 0.1) == 6
@@ -173,7 +173,8 @@ def test_chunk_after_prompt_equals_full_forward():
     full, _ = model(idx)
     cache = gpt.KVCache(model.cfg, 1, 64, dtype=torch.float64, spare=3)
     parts = [model(idx[:, :7], cache=cache)[0]]
-    parts += [model(idx[:, s:s + 4], cache=cache)[0] for s in range(7, 19, 4)] + [model(idx[:, 19:], cache=cache)[0]]
+    parts += [model(idx[:, s:s + 4], cache=cache)[0] for s in range(7, 19, 4)]  # chunks of 4 after the prompt
+    parts += [model(idx[:, 19:], cache=cache)[0]]
     assert torch.allclose(torch.cat(parts, 1), full, atol=1e-10)
 
 
@@ -197,7 +198,8 @@ VARIANTS = [dict(), dict(window=4), dict(qk_norm=True, n_kv_head=1), dict(pos_em
             dict(sinks=True, attn_soft_cap=5.0, attn_impl="naive")]
 
 
-@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: ",".join(f"{k}={x}" for k, x in v.items()) or "default")
+@pytest.mark.parametrize("variant", VARIANTS,
+                         ids=lambda v: ",".join(f"{k}={x}" for k, x in v.items()) or "default")
 def test_static_decoder_equals_gpt_forward(variant):
     """gpt-fast's static decoder (uncompiled here; the demo checks the compiled one's text) gives gpt.py's
     logits through prefill, one-token steps, a verify chunk and a rollback."""
@@ -205,7 +207,8 @@ def test_static_decoder_equals_gpt_forward(variant):
     idx = torch.randint(0, 300, (1, 24))
     full, _, h = S.forward_hidden(model, idx)
     r = S.StaticRunner(model, 32, want_hidden=True)
-    logits, hs = zip(r.feed(idx[0, :9].tolist()), r.feed(idx[0, 9:10].tolist()), r.feed(idx[0, 10:14].tolist()))
+    logits, hs = zip(r.feed(idx[0, :9].tolist()), r.feed(idx[0, 9:10].tolist()),  # prefill, one token,
+                     r.feed(idx[0, 10:14].tolist()))  # a verify chunk
     r.feed([7, 7, 7])  # a rejected draft
     r.truncate(14)
     more = [r.feed(idx[0, t:t + 1].tolist()) for t in range(14, 24)]
@@ -234,11 +237,12 @@ def test_greedy_speculative_is_greedy_target_decoding(window, static):
     accepted = []
     for name, draft in drafts.items():
         for gamma in (1, 2, 4):
-            out, st = S.speculative_generate(*runners(target, draft, gamma, static), prompt, 40, gamma, temperature=0)
+            out, st = S.speculative_generate(*runners(target, draft, gamma, static), prompt, 40, gamma,
+                                             temperature=0)
             assert out == ref, (name, gamma)
             assert st["emitted"] == 40 and st["accepted"] <= st["drafted"]
             accepted.append(st["accepted"] / st["drafted"])
-    assert min(accepted) < 0.5 and 0 < max(accepted[:-3]) < 1  # rejections, partial and full acceptance happened
+    assert min(accepted) < 0.5 and 0 < max(accepted[:-3]) < 1  # rejections, partial and full acceptance
     assert accepted[-1] == 1.0  # the target drafting for itself is always right
 
 
@@ -344,8 +348,8 @@ def test_mtp_loss_is_main_plus_lambda_times_mean_of_depth_losses():
 
 
 def test_mtp_with_lambda_zero_trains_exactly_like_gpt(tmp_path):
-    cfg = tiny_config(n_layer=1)
-    run = lambda name: tiny_train_config(tmp_path / name, max_iters=6, stop_at=5)  # noqa: E731 (no final eval)
+    cfg = tiny_config(n_layer=1)  # stop_at < max_iters: no final evaluation of the whole split (slow)
+    run = lambda name: tiny_train_config(tmp_path / name, max_iters=6, stop_at=5)  # noqa: E731
     plain = gpt.train(cfg, run("gpt"), verbose=False)
     mcfg = S.MTPConfig(**{f.name: getattr(cfg, f.name) for f in gpt.dataclasses.fields(cfg)}, n_mtp=2,
                        mtp_lambda=0.0)
@@ -365,7 +369,8 @@ def test_mtp_drafter_equals_recomputation_across_rollbacks(window, static):
     """Rounds with random acceptance (every rollback length); each round's drafts must equal drafts
     recomputed from scratch over the accepted text."""
     m, gamma, rng = tiny_mtp(window=window), 3, random.Random(0)
-    target = S.StaticRunner(m.main, 64, want_hidden=True) if static else S.EagerRunner(m.main, 64, 2 * gamma, True)
+    target = (S.StaticRunner(m.main, 64, want_hidden=True) if static
+              else S.EagerRunner(m.main, 64, 2 * gamma, want_hidden=True))
     drafter = S.MTPDrafter(m.main, m.mtp, 64, 2 * gamma, static=static)
     seq = [5, 6, 7]
     _, h = target.feed(seq[:-1])
@@ -388,10 +393,11 @@ def test_mtp_self_speculation_greedy_and_sampled():
     ref = gpt.generate(m.main, prompt, 30, temperature=0)[0]
     for gamma in (1, 3):
         out, _ = S.speculative_generate(S.EagerRunner(m.main, 64, gamma, want_hidden=True),
-                                        S.MTPDrafter(m.main, m.mtp, 64, 2 * gamma), prompt, 30, gamma, temperature=0)
+                                        S.MTPDrafter(m.main, m.mtp, 64, 2 * gamma), prompt, 30, gamma,
+                                        temperature=0)
         assert out == ref
-    out, st = S.speculative_generate(S.EagerRunner(m.main, 64, 2, want_hidden=True),
-                                     S.MTPDrafter(m.main, m.mtp, 64, 4, subset=torch.arange(150)), prompt, 30, 2,
+    drafter = S.MTPDrafter(m.main, m.mtp, 64, 4, subset=torch.arange(150))
+    out, st = S.speculative_generate(S.EagerRunner(m.main, 64, 2, want_hidden=True), drafter, prompt, 30, 2,
                                      temperature=0.9, generator=torch.Generator().manual_seed(0))
     assert len(out) == 30 and st["drafted"] > 0
 
@@ -399,9 +405,9 @@ def test_mtp_self_speculation_greedy_and_sampled():
 def test_mtp_on_a_frozen_model_learns_and_leaves_the_model_alone():
     torch.manual_seed(0)
     model = gpt.GPT(tiny_config(n_layer=1, n_embd=32, vocab_size=300)).eval()
-    model.tok_embeddings.weight.data *= 25  # a trained model's scale: the shared head can express sharp guesses
+    model.tok_embeddings.weight.data *= 25  # a trained model's scale: the shared head can be sharp
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    modules = torch.nn.ModuleList(S.MTPModule(model.cfg) for _ in range(2))
+    modules = S.mtp_modules(model.cfg, 2)
     cycle = np.random.default_rng(0).choice(300, 7, replace=False)
     tokens = np.tile(cycle, 200).astype(np.uint16)  # t_{i+2} is a function of t_{i+1}: learnable ahead
     hist = S.train_mtp_frozen(model, modules, tokens, steps=40, n_windows=16, block_size=32, lr=1e-2,
@@ -416,19 +422,19 @@ def test_mtp_on_a_frozen_model_learns_and_leaves_the_model_alone():
 
 def test_bad_input_gets_clear_errors():
     target = tiny_model(0)
-    other = tiny_model(1, vocab_size=320)
+    pair = lambda draft: (S.EagerRunner(target, 64), S.ModelDrafter(S.EagerRunner(draft, 64)))  # noqa: E731
     with pytest.raises(ValueError, match="share a vocabulary"):
-        S.speculative_generate(S.EagerRunner(target, 64), S.ModelDrafter(S.EagerRunner(other, 64)), [1, 2], 5, 2)
+        S.speculative_generate(*pair(tiny_model(1, vocab_size=320)), [1, 2], 5, 2)
     with pytest.raises(ValueError, match="gamma"):
-        S.speculative_generate(S.EagerRunner(target, 64), S.ModelDrafter(S.EagerRunner(target, 64)), [1, 2], 5, 0)
+        S.speculative_generate(*pair(target), [1, 2], 5, 0)
+    with pytest.raises(ValueError, match="prompt"):
+        S.speculative_generate(*pair(target), [], 5, 2)
+    with pytest.raises(ValueError, match="top_p"):
+        S.speculative_generate(*pair(target), [1], 5, 2, top_p=0.0)
     m = tiny_mtp(n_mtp=2)
     with pytest.raises(ValueError, match="at most 2"):
-        S.speculative_generate(S.EagerRunner(m.main, 64, 3, True), S.MTPDrafter(m.main, m.mtp, 64, 6), [1, 2], 5, 3)
-    with pytest.raises(ValueError, match="prompt"):
-        S.speculative_generate(S.EagerRunner(target, 64), S.ModelDrafter(S.EagerRunner(target, 64)), [], 5, 2)
-    with pytest.raises(ValueError, match="top_p"):
-        S.speculative_generate(S.EagerRunner(target, 64), S.ModelDrafter(S.EagerRunner(target, 64)), [1], 5, 2,
-                               top_p=0.0)
+        S.speculative_generate(S.EagerRunner(m.main, 64, 3, want_hidden=True),
+                               S.MTPDrafter(m.main, m.mtp, 64, 6), [1, 2], 5, 3)
     with pytest.raises(ValueError, match="gammas"):
         S.DemoConfig(gammas="1,x")
     with pytest.raises(ValueError, match="n_mtp"):
