@@ -51,34 +51,13 @@ ROOT = Path(__file__).resolve().parent
 
 # Default tile sizes of the PyTorch path. On a CPU each tile costs ~15 tensor ops of Python and
 # dispatch overhead (~10 us each, plus a thread-pool barrier per op) on top of its 4 Br Bc hs FLOPs,
-# so tiles must be big enough to amortise that, yet the (Br*G, Bc) score tile should stay in cache.
+# so tiles must be big enough to amortise that, yet the (Br*rep, Bc) score tile should stay in cache.
 # Measured fwd+bwd at T = 2048 and 8192 (B=1, nh=4, hs=64, causal, fp32, 2 cores): 512 x 512 was the
 # fastest of 128..1024 (128 x 128 was several times slower: too many small ops; timings on the shared
 # CPU were noisy, and small tiles suffer most from a busy second core). GPU kernels use far smaller
 # tiles (64-128), sized to fit shared memory instead.
-BLOCK_Q = 512  # Br, query positions per tile (times G = nh/nkv query heads sharing a kv head)
+BLOCK_Q = 512  # Br, query positions per tile (times rep = nh/nkv query heads sharing a kv head)
 BLOCK_K = 512  # Bc, key/value positions per tile
-
-
-# -----------------------------------------------------------------------------------------------
-# Configuration of the demo / benchmark (the attention function itself takes plain arguments)
-
-
-@dataclass
-class BenchConfig:
-    seq_lens: str = "256,512,1024,2048,4096,8192"  # T values to benchmark (Tq = Tk = T)
-    batch: int = 1  # B
-    n_head: int = 4  # nh query heads
-    n_kv_head: int = 4  # nkv key/value heads (nh = nkv: plain multi-head attention, like SDPA's)
-    head_size: int = 64  # hs
-    causal: bool = True
-    dtype: str = "float32"  # float32 | bfloat16 | float16 (inputs; accumulation is always fp32)
-    block_q: int = BLOCK_Q  # Br of the PyTorch flash path
-    block_k: int = BLOCK_K  # Bc of the PyTorch flash path
-    repeats: int = 3  # timed repetitions (the minimum is reported) for T <= 2048; 1 above
-    impls: str = "naive,flash,sdpa"  # which kernels to time (+ cuda when the extension is built)
-    device: str = "auto"  # auto (cuda if available) | cpu | cuda
-    seed: int = 0
 
 
 # -----------------------------------------------------------------------------------------------
@@ -132,21 +111,22 @@ def _acc_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def _rows(x: torch.Tensor, nkv: int, dtype: torch.dtype) -> torch.Tensor:
-    """(B, nh, T, d) -> (B*nkv, T*G, d) in `dtype`, contiguous, with G = nh/nkv: the G query heads
-    that share a kv head become extra *rows* next to each position (row t*G + g). Query head
-    h = kv*G + g reads kv head h // G (as gpt.py's repeat_interleave does), so a tile of Br positions
-    is one contiguous (Br*G, d) matrix that meets the *one* shared K/V tile: GQA/MQA read K and V once
-    per kv head and never copy them G times. Flattening (B, nkv) into one batch dim N lets every tile
-    op be a single batched matmul (bmm/baddbmm) over all batch x heads at once."""
+    """(B, nh, T, d) -> (B*nkv, T*rep, d) in `dtype`, contiguous, with rep = nh/nkv (Llama's n_rep): the
+    rep query heads that share a kv head become extra *rows* next to each position (row t*rep + g).
+    Query head h = kv*rep + g reads kv head h // rep (as gpt.py's repeat_interleave does), so a tile of
+    Br positions is one contiguous (Br*rep, d) matrix that meets the *one* shared K/V tile: GQA/MQA read
+    K and V once per kv head and never copy them rep times. Flattening (B, nkv) into one batch dim N lets
+    every tile op be a single batched matmul (bmm/baddbmm) over all batch x heads at once."""
     B, nh, T, d = x.shape
-    x = x.view(B, nkv, nh // nkv, T, d).transpose(2, 3)  # (B, nkv, T, G, d), a view
-    return x.to(dtype).reshape(B * nkv, T * (nh // nkv), d)  # (N, T*G, d), a copy unless G = 1
+    x = x.view(B, nkv, nh // nkv, T, d).transpose(2, 3)  # (B, nkv, T, rep, d), a view
+    return x.to(dtype).reshape(B * nkv, T * (nh // nkv), d)  # (N, T*rep, d), a copy unless rep = 1
 
 
-def _unrows(x: torch.Tensor, B: int, G: int) -> torch.Tensor:
-    """(B*nkv, T*G, d) -> (B, nh, T, d), the inverse of _rows."""
-    N, TG, d = x.shape
-    return x.view(B, N // B, TG // G, G, d).transpose(2, 3).reshape(B, N // B * G, TG // G, d)
+def _unrows(x: torch.Tensor, B: int, rep: int) -> torch.Tensor:
+    """(B*nkv, T*rep, d) -> (B, nh, T, d), the inverse of _rows."""
+    N, n_rows, d = x.shape
+    T = n_rows // rep
+    return x.view(B, N // B, T, rep, d).transpose(2, 3).reshape(B, N // B * rep, T, d)  # (B, nh, T, d)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -176,59 +156,59 @@ def flash_attn_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        sinks: Optional[torch.Tensor] = None, causal: bool = True, window: int = 0,
                        soft_cap: float = 0.0, block_q: int = BLOCK_Q,
                        block_k: int = BLOCK_K) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention output (B, nh, Tq, hs) in q's dtype, and the log-sum-exp L (B*nkv, Tq*G) in the
+    """Attention output (B, nh, Tq, hs) in q's dtype, and the log-sum-exp L (B*nkv, Tq*rep) in the
     accumulation dtype (+inf for a row that sees no key and has no sink). q (B, nh, Tq, hs),
     k and v (B, nkv, Tk, hs), sinks (nh,) or None."""
     B, nh, Tq, hs = q.shape
     nkv, Tk = k.shape[1], k.shape[2]
-    G, N = nh // nkv, B * nkv
+    rep, N = nh // nkv, B * nkv
     acc = _acc_dtype(q)
     dev = q.device
     # One O(T) copy in the accumulation dtype, with 1/sqrt(hs) folded into Q (saves a pass over S).
-    Q = _rows(q, nkv, acc) * (1.0 / math.sqrt(hs))  # (N, Tq*G, hs), never in place: may view q
+    Q = _rows(q, nkv, acc) * (1.0 / math.sqrt(hs))  # (N, Tq*rep, hs), never in place: may view q
     K, V = k.reshape(N, Tk, hs).to(acc), v.reshape(N, Tk, hs).to(acc)  # (N, Tk, hs), no copy if fp32
-    O = torch.empty(N, Tq * G, hs, dtype=acc, device=dev)
-    L = torch.empty(N, Tq * G, dtype=acc, device=dev)
-    sink_rows = None if sinks is None else sinks.to(acc).view(1, nkv, 1, G).expand(B, nkv, block_q, G)
+    O = torch.empty(N, Tq * rep, hs, dtype=acc, device=dev)
+    L = torch.empty(N, Tq * rep, dtype=acc, device=dev)
+    sink_rows = None if sinks is None else sinks.to(acc).view(1, nkv, 1, rep).expand(B, nkv, block_q, rep)
     off = Tk - Tq  # query i sits at absolute position off + i (bottom-right aligned)
     for i0 in range(0, Tq, block_q):  # Alg 1 l.3: for 1 <= i <= Tr (the GPU runs these in parallel)
         i1 = min(i0 + block_q, Tq)
         Br = i1 - i0
-        rows = slice(i0 * G, i1 * G)  # this tile's Br*G rows
-        Qi = Q[:, rows]  # (N, Br*G, hs), Alg 1 l.4 (a view)
+        rows = slice(i0 * rep, i1 * rep)  # this tile's Br*rep rows
+        Qi = Q[:, rows]  # (N, Br*rep, hs), Alg 1 l.4 (a view)
         if sinks is None:  # Alg 1 l.5: O = 0, l = 0, m = -inf
-            m = torch.full((N, Br * G), -math.inf, dtype=acc, device=dev)  # (N, Br*G)
-            l = torch.zeros(N, Br * G, dtype=acc, device=dev)
+            m = torch.full((N, Br * rep), -math.inf, dtype=acc, device=dev)  # (N, Br*rep)
+            l = torch.zeros(N, Br * rep, dtype=acc, device=dev)
         else:  # the sink as the row's first "key": m = s_h, l = exp(s_h - s_h) = 1, value 0
-            m = sink_rows[:, :, :Br].reshape(N, Br * G)  # (N, Br*G)
-            l = torch.ones(N, Br * G, dtype=acc, device=dev)
-        Oi = torch.zeros(N, Br * G, hs, dtype=acc, device=dev)  # (N, Br*G, hs)
+            m = sink_rows[:, :, :Br].reshape(N, Br * rep)  # (N, Br*rep)
+            l = torch.ones(N, Br * rep, dtype=acc, device=dev)
+        Oi = torch.zeros(N, Br * rep, hs, dtype=acc, device=dev)  # (N, Br*rep, hs)
         for j0 in range(0, Tk, block_k):  # Alg 1 l.6: for 1 <= j <= Tc
             j1 = min(j0 + block_k, Tk)
             vis = block_visibility(off + i0, off + i1, j0, j1, causal, window)
             if vis == SKIP:
                 continue
-            S = torch.bmm(Qi, K[:, j0:j1].transpose(1, 2))  # (N, Br*G, Bc), Alg 1 l.8: S = Q_i K_j^T
+            S = torch.bmm(Qi, K[:, j0:j1].transpose(1, 2))  # (N, Br*rep, Bc), Alg 1 l.8: S = Q_i K_j^T
             if soft_cap:  # Gemma 2: bounded scores cap * tanh(s / cap), applied before the mask
                 S = S.div_(soft_cap).tanh_().mul_(soft_cap)
             if vis == PARTIAL:  # diagonal / window-edge tile: -inf where the key is invisible
                 mask = block_mask(off + i0, off + i1, j0, j1, causal, window, dev)  # (Br, Bc)
-                S.view(N, Br, G, j1 - j0).masked_fill_(~mask[:, None, :], -math.inf)
-            m_new = torch.maximum(m, S.amax(dim=-1))  # (N, Br*G), Alg 1 l.9: m = max(m, rowmax S)
+                S.view(N, Br, rep, j1 - j0).masked_fill_(~mask[:, None, :], -math.inf)
+            m_new = torch.maximum(m, S.amax(dim=-1))  # (N, Br*rep), Alg 1 l.9: m = max(m, rowmax S)
             # A row that has seen only -inf so far has m_new = -inf, and -inf - (-inf) = NaN: use 0 as
             # its reference instead (its exp() terms are all exp(-inf) = 0, which is right).
             m_ref = m_new.masked_fill(m_new == -math.inf, 0.0)
-            P = S.sub_(m_ref[..., None]).exp_()  # (N, Br*G, Bc), Alg 1 l.9: P~ = exp(S - m), in place
-            alpha = torch.exp(m - m_ref)  # (N, Br*G), the rescaling factor exp(m_old - m_new) <= 1
+            P = S.sub_(m_ref[..., None]).exp_()  # (N, Br*rep, Bc), Alg 1 l.9: P~ = exp(S - m), in place
+            alpha = torch.exp(m - m_ref)  # (N, Br*rep), the rescaling factor exp(m_old - m_new) <= 1
             l = alpha * l + P.sum(dim=-1)  # Alg 1 l.9: l = e^(m_old - m) l + rowsum(P~)
-            Oi.mul_(alpha[..., None]).baddbmm_(P, V[:, j0:j1])  # (N, Br*G, hs), Alg 1 l.10: += P~ V_j
+            Oi.mul_(alpha[..., None]).baddbmm_(P, V[:, j0:j1])  # (N, Br*rep, hs), Alg 1 l.10: += P~ V_j
             m = m_new
         # Alg 1 l.12: normalise once. l = 0 only for a row with no visible key and no sink: its O is
         # 0 (not 0/0 = NaN, matching the reference) and L = +inf makes every recomputed P exactly 0.
         empty = l == 0
         O[:, rows] = Oi / l.masked_fill(empty, 1.0)[..., None]
         L[:, rows] = (m + torch.log(l)).masked_fill(empty, math.inf)  # Alg 1 l.13: L = m + log(l)
-    return _unrows(O, B, G).to(q.dtype), L  # (B, nh, Tq, hs), (N, Tq*G)
+    return _unrows(O, B, rep).to(q.dtype), L  # (B, nh, Tq, hs), (N, Tq*rep)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -264,15 +244,15 @@ def flash_attn_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
     d loss / d o = do, each in its input's dtype; dsinks is None when sinks is None."""
     B, nh, Tq, hs = q.shape
     nkv, Tk = k.shape[1], k.shape[2]
-    G, N = nh // nkv, B * nkv
+    rep, N = nh // nkv, B * nkv
     acc = _acc_dtype(q)
     dev = q.device
     scale = 1.0 / math.sqrt(hs)
-    Q = _rows(q, nkv, acc) * scale  # (N, Tq*G, hs)
-    dO = _rows(do, nkv, acc)  # (N, Tq*G, hs)
+    Q = _rows(q, nkv, acc) * scale  # (N, Tq*rep, hs)
+    dO = _rows(do, nkv, acc)  # (N, Tq*rep, hs)
     K, V = k.reshape(N, Tk, hs).to(acc), v.reshape(N, Tk, hs).to(acc)  # (N, Tk, hs)
-    D = (dO * _rows(o, nkv, acc)).sum(dim=-1)  # (N, Tq*G), Alg 2 l.4: D = rowsum(dO * O)
-    dQ = torch.zeros_like(Q)  # (N, Tq*G, hs), gradient w.r.t. the *scaled* Q
+    D = (dO * _rows(o, nkv, acc)).sum(dim=-1)  # (N, Tq*rep), Alg 2 l.4: D = rowsum(dO * O)
+    dQ = torch.zeros_like(Q)  # (N, Tq*rep, hs), gradient w.r.t. the *scaled* Q
     dK = torch.empty(N, Tk, hs, dtype=acc, device=dev)
     dV = torch.empty(N, Tk, hs, dtype=acc, device=dev)
     off = Tk - Tq
@@ -286,31 +266,31 @@ def flash_attn_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
             vis = block_visibility(off + i0, off + i1, j0, j1, causal, window)
             if vis == SKIP:
                 continue
-            Br, rows = i1 - i0, slice(i0 * G, i1 * G)
-            Qi, dOi = Q[:, rows], dO[:, rows]  # (N, Br*G, hs), Alg 2 l.9
-            Li, Di = L[:, rows, None], D[:, rows, None]  # (N, Br*G, 1)
-            S = torch.bmm(Qi, Kj.transpose(1, 2))  # (N, Br*G, Bc), Alg 2 l.10
+            Br, rows = i1 - i0, slice(i0 * rep, i1 * rep)
+            Qi, dOi = Q[:, rows], dO[:, rows]  # (N, Br*rep, hs), Alg 2 l.9
+            Li, Di = L[:, rows, None], D[:, rows, None]  # (N, Br*rep, 1)
+            S = torch.bmm(Qi, Kj.transpose(1, 2))  # (N, Br*rep, Bc), Alg 2 l.10
             if soft_cap:
                 t = torch.tanh(S / soft_cap)
                 S = soft_cap * t
             if vis == PARTIAL:
                 mask = block_mask(off + i0, off + i1, j0, j1, causal, window, dev)  # (Br, Bc)
-                S.view(N, Br, G, j1 - j0).masked_fill_(~mask[:, None, :], -math.inf)
-            P = S.sub_(Li).exp_()  # (N, Br*G, Bc), Alg 2 l.11: the normalised probabilities exp(S - L)
-            dVj.baddbmm_(P.transpose(1, 2), dOi)  # (N, Bc, hs), Alg 2 l.12 (sums over the G heads too)
-            dP = torch.bmm(dOi, Vj.transpose(1, 2))  # (N, Br*G, Bc), Alg 2 l.13
-            dS = dP.sub_(Di).mul_(P)  # (N, Br*G, Bc), Alg 2 l.14: dS = P * (dP - D)
+                S.view(N, Br, rep, j1 - j0).masked_fill_(~mask[:, None, :], -math.inf)
+            P = S.sub_(Li).exp_()  # (N, Br*rep, Bc), Alg 2 l.11: the normalised probabilities exp(S - L)
+            dVj.baddbmm_(P.transpose(1, 2), dOi)  # (N, Bc, hs), Alg 2 l.12 (sums over the rep heads too)
+            dP = torch.bmm(dOi, Vj.transpose(1, 2))  # (N, Br*rep, Bc), Alg 2 l.13
+            dS = dP.sub_(Di).mul_(P)  # (N, Br*rep, Bc), Alg 2 l.14: dS = P * (dP - D)
             if soft_cap:
                 dS.mul_(1 - t * t)  # through cap * tanh(x / cap)
-            dQ[:, rows].baddbmm_(dS, Kj)  # (N, Br*G, hs), Alg 2 l.15 (an atomicAdd on the GPU)
+            dQ[:, rows].baddbmm_(dS, Kj)  # (N, Br*rep, hs), Alg 2 l.15 (an atomicAdd on the GPU)
             dKj.baddbmm_(dS.transpose(1, 2), Qi)  # (N, Bc, hs), Alg 2 l.16 (Qi carries the scale)
         dK[:, j0:j1] = dKj  # Alg 2 l.18: write dK_j, dV_j once
         dV[:, j0:j1] = dVj
-    dq = _unrows(dQ.mul_(scale), B, G).to(q.dtype)  # (B, nh, Tq, hs): S = (scale Q) K^T, dQ = scale dS K
+    dq = _unrows(dQ.mul_(scale), B, rep).to(q.dtype)  # (B, nh, Tq, hs): S = (scale Q) K^T, dQ = scale dS K
     dsinks = None
     if sinks is not None:  # -sum over rows of p_sink * D (derivation above); L >= s_h, never +inf
-        p_sink = torch.exp(sinks.to(acc).view(1, nkv, 1, G) - L.view(B, nkv, Tq, G))  # (B, nkv, Tq, G)
-        dsinks = -(p_sink * D.view(B, nkv, Tq, G)).sum(dim=(0, 2)).reshape(nh).to(sinks.dtype)  # (nh,)
+        p_sink = torch.exp(sinks.to(acc).view(1, nkv, 1, rep) - L.view(B, nkv, Tq, rep))  # (B, nkv, Tq, rep)
+        dsinks = -(p_sink * D.view(B, nkv, Tq, rep)).sum(dim=(0, 2)).reshape(nh).to(sinks.dtype)  # (nh,)
     return dq, dK.view_as(k).to(k.dtype), dV.view_as(v).to(v.dtype), dsinks
 
 
@@ -379,7 +359,14 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
                     block_q: int = BLOCK_Q, block_k: int = BLOCK_K,
                     use_cuda_kernel: bool = True) -> torch.Tensor:
     """FlashAttention-2 with gpt.ATTENTION's interface: q (B, nh, Tq, hs), k and v (B, nkv, Tk, hs),
-    queries bottom-right aligned, sinks (nh,) or None; returns (B, nh, Tq, hs) in q's dtype."""
+    queries bottom-right aligned, sinks (nh,) or None; returns (B, nh, Tq, hs) in q's dtype.
+    Values narrower than the keys (B, nkv, Tk, hs_v < hs) are zero-padded to hs and the output cut
+    back to (B, nh, Tq, hs_v): the kernels keep one head size."""
+    if v.dim() == 4 and k.dim() == 4 and v.shape[:3] == k.shape[:3] and v.shape[3] < k.shape[3]:
+        v_pad = torch.nn.functional.pad(v, (0, k.shape[3] - v.shape[3]))  # (B, nkv, Tk, hs)
+        y = flash_attention(q, k, v_pad, causal=causal, window=window, sinks=sinks, soft_cap=soft_cap,
+                            block_q=block_q, block_k=block_k, use_cuda_kernel=use_cuda_kernel)
+        return y[..., :v.shape[3]]  # (B, nh, Tq, hs_v)
     if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
         raise ValueError(f"expected q (B, nh, Tq, hs) and k, v (B, nkv, Tk, hs); got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
@@ -409,6 +396,25 @@ gpt.ATTENTION["flash"] = flash_attention
 
 # -----------------------------------------------------------------------------------------------
 # Demo: validate against the float64 reference, then time and measure memory for T = 256 .. 8192.
+
+
+@dataclass
+class BenchConfig:
+    """The `python attention_flash.py` demo / benchmark (the attention function takes plain arguments)."""
+
+    seq_lens: str = "256,512,1024,2048,4096,8192"  # T values to benchmark (Tq = Tk = T)
+    batch: int = 1  # B
+    n_head: int = 4  # nh query heads
+    n_kv_head: int = 4  # nkv key/value heads (nh = nkv: plain multi-head attention, like SDPA's)
+    head_size: int = 64  # hs
+    causal: bool = True
+    dtype: str = "float32"  # float32 | bfloat16 | float16 (inputs; accumulation is always fp32)
+    block_q: int = BLOCK_Q  # Br of the PyTorch flash path
+    block_k: int = BLOCK_K  # Bc of the PyTorch flash path
+    repeats: int = 3  # timed repetitions (the minimum is reported) for T <= 2048; 1 above
+    impls: str = "naive,flash,sdpa"  # which kernels to time (+ cuda when the extension is built)
+    device: str = "auto"  # auto (cuda if available) | cpu | cuda
+    seed: int = 0
 
 
 def validate(device: torch.device, seed: int = 0) -> list[dict]:
@@ -464,7 +470,7 @@ def _peak(device: torch.device) -> int:
 
 
 def _measure(impl: str, T: int, bc: BenchConfig, device_name: str, queue) -> None:
-    """One (kernel, T) measurement, run in a fresh process so that ru_maxrss starts from scratch.
+    """One (kernel, T) measurement, run in a fresh process, with its own heap and allocator caches.
 
     Memory: the peak resident set size during the call (Linux VmHWM, reset just before it; on CUDA
     the allocator's peak) minus the memory in use just before it, with the inputs and the output

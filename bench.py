@@ -134,7 +134,7 @@ def main(argv: list[str]) -> None:
                    block_size=cfg.block_size, **speeds[name])
         print(json.dumps(row), flush=True)
     if opts.race:
-        documented = opts == BenchOptions(race=300) and gpt.is_default(base_cfg) and \
+        documented = opts == BenchOptions(race=180) and gpt.is_default(base_cfg) and \
             gpt.is_default(tc, gpt.RUN_ONLY_FIELDS)
         plot = gpt.plot_path("race.png", documented, tc.out_dir, tc.plot)
         race({k: configs[k] for k in ("default", "nanogpt")}, speeds, tc, opts.race, plot)

@@ -31,7 +31,7 @@ Run it
     python dpo.py --init=out/ckpt.pt               # start from your own gpt.py checkpoint
     python dpo.py --pairs=all --batch_prompts=8    # train on every happy x unhappy pair of an opening
     python dpo.py --losses=dpo --pairs=all --n_train_prompts=5120 --batch_prompts=8 --ptx_coef=1 \
-        --probe_every=37                           # held-out reward accuracy 0.908, val +0.1%: ~67 min
+        --probe_every=37                           # the 0.9 held-out accuracy target run: ~67 min
 
 Not covered: reward models and PPO/GRPO (online RL), iterative / online DPO (we sample once, then
 train offline on those pairs), KTO and other unpaired losses, LoRA, and real human preferences.
@@ -58,51 +58,158 @@ ROOT = Path(__file__).resolve().parent
 
 
 # -----------------------------------------------------------------------------------------------
-# Configuration of the demo (`python dpo.py --key=value`)
+# The losses: pure functions of per-sequence log-probs. Every argument is a (B,) tensor, one entry per
+# pair: policy_chosen_logps / policy_rejected_logps are the policy's log pi(y_chosen | x) and
+# log pi(y_rejected | x) summed over the completion tokens, ref_chosen_logps / ref_rejected_logps the same
+# under the frozen reference, chosen_lengths / rejected_lengths the completion lengths in tokens.
+# Each returns (losses (B,), chosen_rewards (B,), rejected_rewards (B,)), the rewards detached: the
+# implicit reward each method separates, for logging and for held-out reward accuracy.
 
 
-@dataclass
-class DPOConfig:
-    """The whole pipeline: start model -> on-policy pairs -> preference tuning -> evaluation."""
+def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
+             ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor, beta: float,
+             label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DPO (Rafailov et al. 2023, eq. 7), and with label_smoothing = eps > 0 conservative DPO.
 
-    init: str = ""  # gpt.py checkpoint to start from; "" = train one (base_iters steps) into out_dir/base
-    base_iters: int = 600  # steps of gpt.py's default model (= `python gpt.py`, ~5 min) for the start model
-    out_dir: str = "out/dpo"
-    losses: str = "dpo,cdpo,ipo,hinge,simpo,orpo"  # which losses to run, in order (keys of LOSSES)
-    # pairs
-    prompt_tokens: int = 32  # P: a prompt is a story's first P tokens (equal lengths: batch without pads)
-    max_new_tokens: int = 160  # a completion that has not ended by then is unfinished (and loses)
-    n_train_prompts: int = 320  # openings from the train split -> training pairs
-    n_eval_prompts: int = 384  # openings from the valid split -> held-out pairs and win-rate samples;
-    # ~380 held-out pairs put the standard error of an accuracy near 0.85 at 0.018 (96 prompts: 0.036)
-    samples_per_prompt: int = 8  # N on-policy samples per prompt (held-out pairs: the judge's best vs worst)
-    pairs: str = "best_worst"  # training pairs of an opening: "best_worst" (one) or "all" (every happy x
-    # unhappy pair, up to (N/2)^2); see make_groups
-    eval_samples: int = 4  # fresh samples per held-out prompt for the win-rate and KL
-    temperature: float = 0.7  # sampling temperature (pairs, win-rate); 1 = pi itself, but babbles
-    # losses (the published defaults where they exist)
-    beta: float = 0.1  # DPO / cDPO / hinge beta; IPO's tau (DPO paper uses 0.1 - 0.5)
-    label_smoothing: float = 0.2  # cDPO's epsilon: the assumed probability that a label is flipped
-    simpo_beta: float = 2.0  # SimPO scales *average* log-probs, so its beta is larger (paper: 2 - 2.5)
-    simpo_gamma: float = 1.0  # SimPO target margin (gamma / beta = 0.5, the paper's usual ratio)
-    orpo_lambda: float = 0.1  # ORPO weight of the odds-ratio term (paper, section 6: 0.1)
-    # optimisation
-    lr: float = 2e-4  # AdamW, constant after warmup; ~1/30 of the pre-training peak (6e-3)
-    epochs: int = 1  # passes over the training pairs
-    batch_prompts: int = 16  # openings per step, all their pairs' answers in one forward (best_worst:
-    # 16 pairs, 32 rows; all: ~140 pairs, ~100 rows)
-    warmup_steps: int = 5
-    grad_clip: float = 1.0
-    ptx_coef: float = 0.0  # weight of a TinyStories next-token loss added to every step (InstructGPT's
-    # "PPO-ptx" pre-training mix, arXiv:2203.02155 eq. 2); 0 = pure preference loss. See train_preference
-    ptx_batch: int = 16  # TinyStories windows per step for that term ...
-    ptx_tokens: int = 128  # ... of this many tokens each
-    probe_every: int = 0  # every this many steps, score the held-out pairs and the val loss (0 = never)
-    # evaluation
-    val_tokens: int = 65536  # TinyStories val tokens for the val loss before / after
-    seed: int = 1337
-    num_threads: int = 0  # torch CPU threads; 0 = torch's default
-    plot_prefix: str = "assets/dpo"  # writes <prefix>_reward_kl.png and <prefix>_curves.png; "" = none
+    r(y) = beta * log pi(y)/pi_ref(y) (eq. 5); the loss is -log sigmoid(r_c - r_r), the negative
+    Bradley-Terry log-likelihood that the chosen answer wins. cDPO (Mitchell 2023) assumes each label
+    is flipped with probability eps: -(1 - eps) log sigmoid(h) - eps log sigmoid(-h). Its gradient
+    vanishes at a finite margin h = log((1 - eps) / eps) instead of pushing the margin to infinity.
+    Shape: every log-prob argument (B,), one entry per pair."""
+    chosen = beta * (policy_chosen_logps - ref_chosen_logps)  # (B,) eq. 5: r(y_c)
+    rejected = beta * (policy_rejected_logps - ref_rejected_logps)  # (B,) r(y_r)
+    h = chosen - rejected  # beta * [log pi/pi_ref (y_c) - log pi/pi_ref (y_r)]
+    losses = -(1 - label_smoothing) * F.logsigmoid(h) - label_smoothing * F.logsigmoid(-h)  # eq. 7
+    return losses, chosen.detach(), rejected.detach()
+
+
+def ipo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
+             ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor, tau: float
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """IPO (Azar et al. 2023, eq. 17): (h - 1/(2 tau))^2 with h the log-ratio difference.
+
+    DPO's logistic loss keeps pushing h up on pairs it already gets right (deterministic preferences
+    drive the Bradley-Terry optimum to h = infinity and pi away from pi_ref); IPO regresses h onto a
+    finite target, so tau really regularises. We use *summed* log-probs, as eq. 17 is written
+    (some libraries average over tokens instead, which changes the scale of the target).
+    Shape: every log-prob argument (B,), one entry per pair."""
+    chosen_ratio = policy_chosen_logps - ref_chosen_logps  # (B,) log pi/pi_ref (y_c)
+    rejected_ratio = policy_rejected_logps - ref_rejected_logps  # (B,) log pi/pi_ref (y_r)
+    h = chosen_ratio - rejected_ratio
+    losses = (h - 1 / (2 * tau)) ** 2  # eq. 17
+    return losses, (tau * chosen_ratio).detach(), (tau * rejected_ratio).detach()
+
+
+def hinge_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
+               ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor, beta: float
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SLiC-HF's rank-calibration hinge (Zhao et al. 2023, eq. 2: max(0, delta - log P(y+) + log P(y-)))
+    on reference-normalised log-probs (RSO, Liu et al. 2023, eq. 9): max(0, 1 - beta h), i.e. the
+    margin delta = 1/beta in nats of log-ratio. Pairs beyond the margin give no gradient at all.
+    Shape: every log-prob argument (B,), one entry per pair."""
+    chosen = beta * (policy_chosen_logps - ref_chosen_logps)  # (B,)
+    rejected = beta * (policy_rejected_logps - ref_rejected_logps)  # (B,)
+    losses = torch.relu(1 - (chosen - rejected))
+    return losses, chosen.detach(), rejected.detach()
+
+
+def simpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
+               chosen_lengths: torch.Tensor, rejected_lengths: torch.Tensor, beta: float, gamma: float
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SimPO (Meng et al. 2024, eq. 6): -log sigmoid(beta/|y_c| log pi(y_c) - beta/|y_r| log pi(y_r) - gamma).
+
+    No reference model: the reward is the *average* log-prob, the quantity sampling actually follows,
+    and length normalisation stops the reward from simply favouring short answers. gamma asks for a
+    margin of at least gamma between the rewards. Shape: every argument tensor (B,), one entry per pair."""
+    chosen = beta * policy_chosen_logps / chosen_lengths  # (B,) beta * mean token log-prob
+    rejected = beta * policy_rejected_logps / rejected_lengths  # (B,)
+    losses = -F.logsigmoid(chosen - rejected - gamma)  # eq. 6
+    return losses, chosen.detach(), rejected.detach()
+
+
+def orpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
+              chosen_lengths: torch.Tensor, rejected_lengths: torch.Tensor, lam: float
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ORPO (Hong et al. 2024, eqs. 6-7): NLL(y_c) + lam * -log sigmoid(log odds(y_c) - log odds(y_r)).
+
+    P(y) = exp(mean token log-prob) (length-normalised), odds(y) = P / (1 - P). Fine-tuning and
+    preference in one loss, without a reference model: the NLL keeps the chosen answers likely, the
+    odds ratio pushes the rejected ones down. Rewards reported: the log-odds.
+    Shape: every argument tensor (B,), one entry per pair."""
+    avg_c = policy_chosen_logps / chosen_lengths  # (B,) mean log-prob per token, < 0
+    avg_r = policy_rejected_logps / rejected_lengths  # (B,)
+    # log odds = log P - log(1 - P); log1p(-exp(a)) is accurate for a near 0 (P near 1)
+    log_odds_c = avg_c - torch.log1p(-torch.exp(avg_c))
+    log_odds_r = avg_r - torch.log1p(-torch.exp(avg_r))
+    losses = -avg_c - lam * F.logsigmoid(log_odds_c - log_odds_r)  # eq. 6: L_SFT + lambda * L_OR
+    return losses, log_odds_c.detach(), log_odds_r.detach()
+
+
+# name -> the loss of a batch b under config c (a DPOConfig, at the end of the file). b holds (B,)
+# tensors named as the losses' arguments; the first four losses use the reference log-probs, SimPO and
+# ORPO ignore them (reference-free) and use the lengths instead.
+WITH_REF = ("policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps", "ref_rejected_logps")
+WITH_LENGTHS = ("policy_chosen_logps", "policy_rejected_logps", "chosen_lengths", "rejected_lengths")
+LOSSES = {
+    "dpo": lambda b, c: dpo_loss(*(b[k] for k in WITH_REF), beta=c.beta),
+    "cdpo": lambda b, c: dpo_loss(*(b[k] for k in WITH_REF), beta=c.beta, label_smoothing=c.label_smoothing),
+    "ipo": lambda b, c: ipo_loss(*(b[k] for k in WITH_REF), tau=c.beta),
+    "hinge": lambda b, c: hinge_loss(*(b[k] for k in WITH_REF), beta=c.beta),
+    "simpo": lambda b, c: simpo_loss(*(b[k] for k in WITH_LENGTHS), beta=c.simpo_beta, gamma=c.simpo_gamma),
+    "orpo": lambda b, c: orpo_loss(*(b[k] for k in WITH_LENGTHS), lam=c.orpo_lambda),
+}
+
+
+
+# -----------------------------------------------------------------------------------------------
+# Per-sequence log-probs of completions. A row of `tokens` is prompt + completion + padding; `mask`
+# marks the *targets* that are completion tokens, so the prompt (and the padding) add nothing.
+
+
+def completion_logps(model: gpt.GPT, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sum over completion tokens of log pi(token | everything before it): (N,) from tokens (N, T)
+    and mask (N, T-1) (mask[:, t] = 1 when tokens[:, t+1] is a completion token). One forward."""
+    logits, _ = model(tokens[:, :-1])  # (N, T-1, V)
+    targets = tokens[:, 1:]  # (N, T-1)
+    logp = -F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")  # (N, T-1)
+    return (logp * mask).sum(-1)
+
+
+@torch.no_grad()
+def completion_logps_reference(model: gpt.GPT, prompt: list[int], completion: list[int]) -> float:
+    """The slow reference for one sequence: log-softmax of the logits, a Python sum over positions."""
+    ids = torch.tensor([prompt + completion])
+    logits, _ = model(ids[:, :-1])
+    logp = torch.log_softmax(logits[0].double(), -1)  # (T-1, V)
+    return sum(float(logp[len(prompt) - 1 + i, tok]) for i, tok in enumerate(completion))
+
+
+def pack(prompts: list[list[int]], completions: list[list[int]], pad: int
+         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-pad prompt + completion rows into tokens (N, T), the target mask (N, T-1) and the
+    completion lengths (N,). Right padding is harmless for a causal model: pads come after."""
+    rows = [p + c for p, c in zip(prompts, completions)]
+    T = max(len(r) for r in rows)
+    tokens = torch.full((len(rows), T), pad, dtype=torch.long)
+    mask = torch.zeros(len(rows), T - 1)
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        tokens[i, :len(p) + len(c)] = torch.tensor(p + c)
+        mask[i, len(p) - 1:len(p) - 1 + len(c)] = 1.0  # targets tokens[len(p) : len(p)+len(c)]
+    lengths = torch.tensor([float(len(c)) for c in completions])
+    return tokens, mask, lengths
+
+
+def token_kl(policy: gpt.GPT, ref: gpt.GPT, tokens: torch.Tensor, mask: torch.Tensor,
+             temperature: float = 1.0) -> float:
+    """Per-token KL(pi || pi_ref) on the policy's own samples: at every completion position the exact
+    sum_v pi(v) log(pi(v) / pi_ref(v)) over the vocabulary, averaged over positions. Summed over a
+    sequence it is an unbiased estimate of the sequence-level KL (chain rule of KL). With a sampling
+    temperature T both distributions are the tempered ones (softmax(logits / T)) the samples follow."""
+    with torch.no_grad():
+        lp = torch.log_softmax(policy(tokens[:, :-1])[0].float() / temperature, -1)  # (N, T-1, V)
+        lq = torch.log_softmax(ref(tokens[:, :-1])[0].float() / temperature, -1)
+        kl = (lp.exp() * (lp - lq)).sum(-1)  # (N, T-1)
+    return float((kl * mask).sum() / mask.sum())
 
 
 # -----------------------------------------------------------------------------------------------
@@ -177,141 +284,6 @@ def is_happy(text: str, ended: bool = True) -> bool:
 
 
 # -----------------------------------------------------------------------------------------------
-# The losses: pure functions of per-sequence log-probs. Arguments are (B,) tensors, one entry per
-# pair: pc / pr the policy's log pi(y_chosen | x) / log pi(y_rejected | x) summed over completion
-# tokens, rc / rr the same under the frozen reference, nc / nr the completion lengths in tokens.
-# Each returns (losses (B,), chosen_rewards (B,), rejected_rewards (B,)), the rewards detached: the
-# implicit reward each method separates, for logging and for held-out reward accuracy.
-
-
-def dpo_loss(pc: torch.Tensor, pr: torch.Tensor, rc: torch.Tensor, rr: torch.Tensor, beta: float,
-             label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """DPO (Rafailov et al. 2023, eq. 7), and with label_smoothing = eps > 0 conservative DPO.
-
-    r(y) = beta * log pi(y)/pi_ref(y) (eq. 5); the loss is -log sigmoid(r_c - r_r), the negative
-    Bradley-Terry log-likelihood that the chosen answer wins. cDPO (Mitchell 2023) assumes each label
-    is flipped with probability eps: -(1 - eps) log sigmoid(h) - eps log sigmoid(-h). Its gradient
-    vanishes at a finite margin h = log((1 - eps) / eps) instead of pushing the margin to infinity."""
-    chosen, rejected = beta * (pc - rc), beta * (pr - rr)
-    h = chosen - rejected  # beta * [log pi/pi_ref (y_c) - log pi/pi_ref (y_r)]
-    losses = -(1 - label_smoothing) * F.logsigmoid(h) - label_smoothing * F.logsigmoid(-h)
-    return losses, chosen.detach(), rejected.detach()
-
-
-def ipo_loss(pc: torch.Tensor, pr: torch.Tensor, rc: torch.Tensor, rr: torch.Tensor, tau: float
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """IPO (Azar et al. 2023, eq. 17): (h - 1/(2 tau))^2 with h the log-ratio difference.
-
-    DPO's logistic loss keeps pushing h up on pairs it already gets right (deterministic preferences
-    drive the Bradley-Terry optimum to h = infinity and pi away from pi_ref); IPO regresses h onto a
-    finite target, so tau really regularises. We use *summed* log-probs, as eq. 17 is written
-    (some libraries average over tokens instead, which changes the scale of the target)."""
-    h = (pc - rc) - (pr - rr)
-    losses = (h - 1 / (2 * tau)) ** 2
-    return losses, (tau * (pc - rc)).detach(), (tau * (pr - rr)).detach()
-
-
-def hinge_loss(pc: torch.Tensor, pr: torch.Tensor, rc: torch.Tensor, rr: torch.Tensor, beta: float
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """SLiC-HF's rank-calibration hinge (Zhao et al. 2023, eq. 2: max(0, delta - log P(y+) + log P(y-)))
-    on reference-normalised log-probs (RSO, Liu et al. 2023, eq. 9): max(0, 1 - beta h), i.e. the
-    margin delta = 1/beta in nats of log-ratio. Pairs beyond the margin give no gradient at all."""
-    chosen, rejected = beta * (pc - rc), beta * (pr - rr)
-    losses = torch.relu(1 - (chosen - rejected))
-    return losses, chosen.detach(), rejected.detach()
-
-
-def simpo_loss(pc: torch.Tensor, pr: torch.Tensor, nc: torch.Tensor, nr: torch.Tensor, beta: float,
-               gamma: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """SimPO (Meng et al. 2024, eq. 6): -log sigmoid(beta/|y_c| log pi(y_c) - beta/|y_r| log pi(y_r) - gamma).
-
-    No reference model: the reward is the *average* log-prob, the quantity sampling actually follows,
-    and length normalisation stops the reward from simply favouring short answers. gamma asks for a
-    margin of at least gamma between the rewards."""
-    chosen, rejected = beta * pc / nc, beta * pr / nr
-    losses = -F.logsigmoid(chosen - rejected - gamma)
-    return losses, chosen.detach(), rejected.detach()
-
-
-def orpo_loss(pc: torch.Tensor, pr: torch.Tensor, nc: torch.Tensor, nr: torch.Tensor, lam: float
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """ORPO (Hong et al. 2024, eqs. 6-7): NLL(y_c) + lam * -log sigmoid(log odds(y_c) - log odds(y_r)).
-
-    P(y) = exp(mean token log-prob) (length-normalised), odds(y) = P / (1 - P). Fine-tuning and
-    preference in one loss, without a reference model: the NLL keeps the chosen answers likely, the
-    odds ratio pushes the rejected ones down. Rewards reported: the log-odds."""
-    avg_c, avg_r = pc / nc, pr / nr  # mean log-prob per token, < 0
-    # log odds = log P - log(1 - P); log1p(-exp(a)) is accurate for a near 0 (P near 1)
-    log_odds_c = avg_c - torch.log1p(-torch.exp(avg_c))
-    log_odds_r = avg_r - torch.log1p(-torch.exp(avg_r))
-    losses = -avg_c - lam * F.logsigmoid(log_odds_c - log_odds_r)  # eq. 6: L_SFT + lambda * L_OR
-    return losses, log_odds_c.detach(), log_odds_r.detach()
-
-
-# name -> the loss of a batch b = {pc, pr, rc, rr, nc, nr} under config c. The first four use the
-# reference log-probs rc, rr; SimPO and ORPO ignore them (reference-free) and use the lengths instead.
-LOSSES = {
-    "dpo": lambda b, c: dpo_loss(b["pc"], b["pr"], b["rc"], b["rr"], c.beta),
-    "cdpo": lambda b, c: dpo_loss(b["pc"], b["pr"], b["rc"], b["rr"], c.beta, c.label_smoothing),
-    "ipo": lambda b, c: ipo_loss(b["pc"], b["pr"], b["rc"], b["rr"], c.beta),
-    "hinge": lambda b, c: hinge_loss(b["pc"], b["pr"], b["rc"], b["rr"], c.beta),
-    "simpo": lambda b, c: simpo_loss(b["pc"], b["pr"], b["nc"], b["nr"], c.simpo_beta, c.simpo_gamma),
-    "orpo": lambda b, c: orpo_loss(b["pc"], b["pr"], b["nc"], b["nr"], c.orpo_lambda),
-}
-
-
-# -----------------------------------------------------------------------------------------------
-# Per-sequence log-probs of completions. A row of `tokens` is prompt + completion + padding; `mask`
-# marks the *targets* that are completion tokens, so the prompt (and the padding) add nothing.
-
-
-def completion_logps(model: gpt.GPT, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Sum over completion tokens of log pi(token | everything before it): (N,) from tokens (N, T)
-    and mask (N, T-1) (mask[:, t] = 1 when tokens[:, t+1] is a completion token). One forward."""
-    logits, _ = model(tokens[:, :-1])  # (N, T-1, V)
-    targets = tokens[:, 1:]  # (N, T-1)
-    logp = -F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")  # (N, T-1)
-    return (logp * mask).sum(-1)
-
-
-@torch.no_grad()
-def completion_logps_reference(model: gpt.GPT, prompt: list[int], completion: list[int]) -> float:
-    """The slow reference for one sequence: log-softmax of the logits, a Python sum over positions."""
-    ids = torch.tensor([prompt + completion])
-    logits, _ = model(ids[:, :-1])
-    logp = torch.log_softmax(logits[0].double(), -1)  # (T-1, V)
-    return sum(float(logp[len(prompt) - 1 + i, tok]) for i, tok in enumerate(completion))
-
-
-def pack(prompts: list[list[int]], completions: list[list[int]], pad: int
-         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-pad prompt + completion rows into tokens (N, T), the target mask (N, T-1) and the
-    completion lengths (N,). Right padding is harmless for a causal model: pads come after."""
-    rows = [p + c for p, c in zip(prompts, completions)]
-    T = max(len(r) for r in rows)
-    tokens = torch.full((len(rows), T), pad, dtype=torch.long)
-    mask = torch.zeros(len(rows), T - 1)
-    for i, (p, c) in enumerate(zip(prompts, completions)):
-        tokens[i, :len(p) + len(c)] = torch.tensor(p + c)
-        mask[i, len(p) - 1:len(p) - 1 + len(c)] = 1.0  # targets tokens[len(p) : len(p)+len(c)]
-    lengths = torch.tensor([float(len(c)) for c in completions])
-    return tokens, mask, lengths
-
-
-def token_kl(policy: gpt.GPT, ref: gpt.GPT, tokens: torch.Tensor, mask: torch.Tensor,
-             temperature: float = 1.0) -> float:
-    """Per-token KL(pi || pi_ref) on the policy's own samples: at every completion position the exact
-    sum_v pi(v) log(pi(v) / pi_ref(v)) over the vocabulary, averaged over positions. Summed over a
-    sequence it is an unbiased estimate of the sequence-level KL (chain rule of KL). With a sampling
-    temperature T both distributions are the tempered ones (softmax(logits / T)) the samples follow."""
-    with torch.no_grad():
-        lp = torch.log_softmax(policy(tokens[:, :-1])[0].float() / temperature, -1)  # (N, T-1, V)
-        lq = torch.log_softmax(ref(tokens[:, :-1])[0].float() / temperature, -1)
-        kl = (lp.exp() * (lp - lq)).sum(-1)  # (N, T-1)
-    return float((kl * mask).sum() / mask.sum())
-
-
-# -----------------------------------------------------------------------------------------------
 # On-policy data: story openings, batched sampling with a KV cache, the judge's pairs.
 
 
@@ -327,7 +299,8 @@ def story_openings(tokens: np.ndarray, eot: int, n: int, P: int, seed: int) -> l
 def sample_token(logits: torch.Tensor, temperature: float, generator: torch.Generator) -> torch.Tensor:
     """One token per row of logits (B, V) -> (B,), by inverting the CDF: u ~ U(0, 1) falls in token i's
     interval [c_(i-1), c_i) of the cumulative probabilities. The same distribution as gpt.sample_next
-    without top-k / top-p, but ~6x faster than torch.multinomial on a CPU at B = 512, V = 8192."""
+    without top-k / top-p, but several times faster than torch.multinomial on a CPU at the demo's batch
+    of 512 rows (docs/dpo.md)."""
     cdf = torch.softmax(logits.float() / temperature, -1).cumsum(-1)  # (B, V)
     u = torch.rand(len(cdf), 1, generator=generator) * cdf[:, -1:]  # (B, 1); scaled: cdf[-1] ~ 1 +- eps
     return torch.searchsorted(cdf, u, right=True).clamp_max(cdf.size(-1) - 1).squeeze(-1)
@@ -370,9 +343,9 @@ def make_pairs(prompts: list[list[int]], samples: list[list[tuple[list[int], boo
     pair). Both answers end with <|endoftext|>.
 
     Why only finished ones: a sample cut off at max_new_tokens always loses, and if it may be the
-    rejected answer, "stop early" becomes the easiest way to tell chosen from rejected. Measured (DPO,
-    2 epochs at lr 1e-4, otherwise the defaults): the completions shrank from 116 to 37 tokens (KL 0.24
-    nats/token) instead of learning what makes an ending happy. Finished stories isolate the ending."""
+    rejected answer, "stop early" becomes the easiest way to tell chosen from rejected: DPO then
+    shortens its completions instead of learning what makes an ending happy (docs/dpo.md measures it).
+    Finished stories isolate the ending."""
     pairs = []
     for p, group in zip(prompts, samples):
         group = [(ids, ended) for ids, ended in group if ended]
@@ -400,20 +373,17 @@ def make_groups(prompts: list[list[int]], samples: list[list[tuple[list[int], bo
     """Training data, one group per opening: its answers and the pairs (chosen i, rejected j) among them.
 
     mode "best_worst": make_pairs' one pair. mode "all": the finished samples and *every* (i, j) with i
-    happy and j not. N samples hold up to (N/2)^2 such pairs, not one: with N = 8 and a happy rate near
-    one half, 320 prompts give ~2,600 pairs instead of ~320, at no extra sampling. The pairs share their
-    answers, so a step runs each answer through the model once and scores all its pairs from those
-    log-probs; InstructGPT (Ouyang et al. 2022, arXiv:2203.02155, section 3.5) trains its reward model
-    on all K-choose-2 comparisons of a prompt this way, for the same two reasons: one forward per answer
-    instead of one per pair, and correlated pairs kept in one step instead of shuffled apart. Pairs of
-    two happy (or two unhappy) answers are left out: the ranking within a class is the lexicon's noise.
-    Measured on 1,280 openings (10,305 pairs from 7,405 answers, DPO, 148 steps) against best vs worst
-    of the same samples (1,258 pairs, 80 steps): held-out accuracy 0.797 vs 0.778. But in the demo
-    (`--pairs=all --batch_prompts=8`, README) the tuned models finish fewer stories: DPO's fluent rate
-    falls to 0.55 (0.75 with best_worst), its mean length rises to 129 tokens (106), and its win-rate
-    to 0.54 (0.71). The best-worst pair, often a fluent happy story against a failed one, teaches more
-    about *generating* a finished happy story. Hence the default. (With the ptx mix and 5,120 openings,
-    all pairs do finish their stories: fluent 0.92, win-rate 0.91; see train_preference.)
+    happy and j not. N samples hold up to (N/2)^2 such pairs (16 for N = 8 with half of them happy),
+    not one, at no extra sampling. The pairs share their answers, so a step runs each answer through
+    the model once and scores all its pairs from those log-probs; InstructGPT (Ouyang et al. 2022,
+    arXiv:2203.02155, section 3.5) trains its reward model on all K-choose-2 comparisons of a prompt this
+    way, for the same two reasons: one forward per answer instead of one per pair, and correlated pairs
+    kept in one step instead of shuffled apart. Pairs of two happy (or two unhappy) answers are left
+    out: the ranking within a class is the lexicon's noise.
+    All pairs raise the held-out reward accuracy a little, but the tuned models then finish fewer of
+    their stories: the best-worst pair, often a fluent happy story against a failed one, teaches more
+    about *generating* a finished happy story. Hence the default. With the ptx mix (train_preference)
+    and many more openings, all pairs do finish their stories. Figures in docs/dpo.md.
 
     Returns [{prompt, completions (each ending with <|endoftext|>), pairs [(chosen i, rejected j)]}]."""
     if mode == "best_worst":
@@ -455,7 +425,8 @@ def pair_batch(pairs: list[dict], pad: int) -> tuple[torch.Tensor, torch.Tensor,
 
 
 def pair_logps(model: gpt.GPT, pairs: list[dict], pad: int, batch: int = 32) -> dict:
-    """Policy log-probs of chosen and rejected for all pairs, without gradients: {pc, pr, nc, nr}."""
+    """Log-probs of chosen and rejected for all pairs under `model`, without gradients:
+    {chosen_logps, rejected_logps, chosen_lengths, rejected_lengths}, each (n_pairs,)."""
     outs = []
     with torch.no_grad():
         for i in range(0, len(pairs), batch):
@@ -463,7 +434,8 @@ def pair_logps(model: gpt.GPT, pairs: list[dict], pad: int, batch: int = 32) -> 
             lp = completion_logps(model, tokens, mask)
             B = len(lp) // 2
             outs.append((lp[:B], lp[B:], n[:B], n[B:]))
-    return {k: torch.cat([o[j] for o in outs]) for j, k in enumerate(("pc", "pr", "nc", "nr"))}
+    keys = ("chosen_logps", "rejected_logps", "chosen_lengths", "rejected_lengths")
+    return {k: torch.cat([o[j] for o in outs]) for j, k in enumerate(keys)}
 
 
 def group_logps(model: gpt.GPT, groups: list[dict], pad: int, batch: int = 16) -> list[torch.Tensor]:
@@ -483,15 +455,18 @@ def preference_stats(name: str, logps: dict, ref: dict, cfg: DPOConfig) -> dict:
 
     Why the split: DPO's reward sums log pi/pi_ref over every token. On text sampled from pi_ref (as the
     held-out answers are) each token adds -KL(pi_ref || pi) on average, a drift that grows as the policy
-    moves, so a long chosen answer starts behind a short rejected one. Measured (`python dpo.py`): DPO
-    ranks 0.58 of the pairs right where the chosen answer is longer, 0.83 where it is not."""
-    b = dict(pc=logps["pc"], pr=logps["pr"], nc=logps["nc"], nr=logps["nr"], rc=ref["pc"], rr=ref["pr"])
-    losses, rc, rr = LOSSES[name](b, cfg)
-    right = (rc > rr).float()  # (n_pairs,)
-    longer = logps["nc"] > logps["nr"]  # the chosen answer has more tokens
+    moves, so a long chosen answer starts behind a short rejected one: DPO ranks the pairs whose chosen
+    answer is longer markedly worse (docs/dpo.md)."""
+    b = dict(policy_chosen_logps=logps["chosen_logps"], policy_rejected_logps=logps["rejected_logps"],
+             ref_chosen_logps=ref["chosen_logps"], ref_rejected_logps=ref["rejected_logps"],
+             chosen_lengths=logps["chosen_lengths"], rejected_lengths=logps["rejected_lengths"])
+    losses, chosen_rewards, rejected_rewards = LOSSES[name](b, cfg)
+    right = (chosen_rewards > rejected_rewards).float()  # (n_pairs,)
+    longer = logps["chosen_lengths"] > logps["rejected_lengths"]  # the chosen answer has more tokens
     split = {k: float(right[m].mean()) if m.any() else float("nan")
              for k, m in (("acc_chosen_longer", longer), ("acc_chosen_shorter", ~longer))}
-    return dict(loss=float(losses.mean()), acc=float(right.mean()), margin=float((rc - rr).mean()), **split)
+    return dict(loss=float(losses.mean()), acc=float(right.mean()),
+                margin=float((chosen_rewards - rejected_rewards).mean()), **split)
 
 
 def ptx_loss(policy: gpt.GPT, data: np.ndarray, gen: torch.Generator, cfg: DPOConfig) -> torch.Tensor:
@@ -543,11 +518,10 @@ def train_preference(name: str, policy: gpt.GPT, groups: list[dict], ref_train: 
     TinyStories train tokens) to every step: the gamma * E[log pi(x)] term of InstructGPT's objective
     (arXiv:2203.02155, eq. 2), which mixes pre-training gradients into RLHF so that the tuned model keeps
     its language modelling. The preference loss only ever sees the ~60 answers of 8 openings per step;
-    the mix anchors everything else. Measured (README, all pairs of 5,120 openings, 596 steps): held-out
-    accuracy 0.908 with the val loss +0.1% from the start; without the mix, fewer pairs already cost
-    +9.9% (best vs worst of the same 5,120 openings, 2 epochs: 0.873). But the mix also *trains the
-    start model further* (it is undertrained: 600 steps), so main() reports an NLL-only control
-    (train_ptx_only) beside it: -2.7%, so DPO's own cost is +2.8%.
+    the mix anchors everything else. But the mix also *trains the start model further* (an undertrained
+    start model keeps learning from it), so main() reports an NLL-only control (train_ptx_only) beside
+    it: DPO's own cost to the val loss is its distance from the control, not from the start model.
+    Figures in docs/dpo.md.
 
     probe(policy) -> dict, if given, runs every cfg.probe_every steps (in eval mode, no gradients) and
     its figures join that step's history entry: the held-out accuracy and val loss *during* training."""
@@ -561,21 +535,25 @@ def train_preference(name: str, policy: gpt.GPT, groups: list[dict], ref_train: 
     for _ in range(cfg.epochs):
         order = torch.randperm(len(groups), generator=gen)
         for idx in order.split(cfg.batch_prompts):
-            tokens, mask, n, c, r = group_batch([groups[i] for i in idx.tolist()], pad)
+            tokens, mask, lengths, chosen, rejected = group_batch([groups[i] for i in idx.tolist()], pad)
             lp = completion_logps(policy, tokens, mask)  # (S,): every completion of the step, one forward
             ref_lp = torch.cat([ref_train[i] for i in idx.tolist()])  # (S,)
-            b = dict(pc=lp[c], pr=lp[r], nc=n[c], nr=n[r], rc=ref_lp[c], rr=ref_lp[r])  # (n_pairs,) each
-            losses, rc, rr = LOSSES[name](b, cfg)
+            b = dict(policy_chosen_logps=lp[chosen], policy_rejected_logps=lp[rejected],  # (n_pairs,) each
+                     ref_chosen_logps=ref_lp[chosen], ref_rejected_logps=ref_lp[rejected],
+                     chosen_lengths=lengths[chosen], rejected_lengths=lengths[rejected])
+            losses, chosen_rewards, rejected_rewards = LOSSES[name](b, cfg)
             loss = pref_loss = losses.mean()
             if cfg.ptx_coef:
                 ptx_nll = ptx_loss(policy, ptx_data, ptx_gen, cfg)
                 loss = pref_loss + cfg.ptx_coef * ptx_nll
             optimizer_step(opt, policy, loss, step, cfg)
             step += 1
-            avg = lp.detach() / n  # mean token log-prob of each sequence
-            history.append(dict(step=step, loss=pref_loss.item(), acc=float((rc > rr).float().mean()),
-                                margin=float((rc - rr).mean()), chosen_logp=float(avg[c].mean()),
-                                rejected_logp=float(avg[r].mean())))
+            avg = lp.detach() / lengths  # mean token log-prob of each sequence
+            history.append(dict(step=step, loss=pref_loss.item(),
+                                acc=float((chosen_rewards > rejected_rewards).float().mean()),
+                                margin=float((chosen_rewards - rejected_rewards).mean()),
+                                chosen_logp=float(avg[chosen].mean()),
+                                rejected_logp=float(avg[rejected].mean())))
             if cfg.ptx_coef:
                 history[-1]["ptx_nll"] = ptx_nll.item()
             probed = probe is not None and cfg.probe_every > 0 and step % cfg.probe_every == 0
@@ -637,6 +615,54 @@ def start_model(cfg: DPOConfig, log=print) -> tuple[gpt.GPT, object]:
             gpt.train(gpt.GPTConfig(), tc, verbose=True)
     model, enc, _ = gpt.load_model(path)
     return model, enc
+
+
+# -----------------------------------------------------------------------------------------------
+# Configuration of the demo (`python dpo.py --key=value`)
+
+
+@dataclass
+class DPOConfig:
+    """The whole pipeline: start model -> on-policy pairs -> preference tuning -> evaluation."""
+
+    init: str = ""  # gpt.py checkpoint to start from; "" = train one (base_iters steps) into out_dir/base
+    base_iters: int = 600  # steps of gpt.py's default model (= `python gpt.py`, ~5 min) for the start model
+    out_dir: str = "out/dpo"
+    losses: str = "dpo,cdpo,ipo,hinge,simpo,orpo"  # which losses to run, in order (keys of LOSSES)
+    # pairs
+    prompt_tokens: int = 32  # P: a prompt is a story's first P tokens (equal lengths: batch without pads)
+    max_new_tokens: int = 160  # a completion that has not ended by then is unfinished (and loses)
+    n_train_prompts: int = 320  # openings from the train split -> training pairs
+    n_eval_prompts: int = 384  # openings from the valid split -> held-out pairs and win-rate samples;
+    # ~380 held-out pairs put the standard error of an accuracy near 0.85 at 0.018 (96 prompts: 0.036)
+    samples_per_prompt: int = 8  # N on-policy samples per prompt (held-out pairs: the judge's best vs worst)
+    pairs: str = "best_worst"  # training pairs of an opening: "best_worst" (one) or "all" (every happy x
+    # unhappy pair, up to (N/2)^2); see make_groups
+    eval_samples: int = 4  # fresh samples per held-out prompt for the win-rate and KL
+    temperature: float = 0.7  # sampling temperature (pairs, win-rate); 1 = pi itself, but babbles
+    # losses (the published defaults where they exist)
+    beta: float = 0.1  # DPO / cDPO / hinge beta; IPO's tau (DPO paper uses 0.1 - 0.5)
+    label_smoothing: float = 0.2  # cDPO's epsilon: the assumed probability that a label is flipped
+    simpo_beta: float = 2.0  # SimPO scales *average* log-probs, so its beta is larger (paper: 2 - 2.5)
+    simpo_gamma: float = 1.0  # SimPO target margin (gamma / beta = 0.5, the paper's usual ratio)
+    orpo_lambda: float = 0.1  # ORPO weight of the odds-ratio term (paper, section 6: 0.1)
+    # optimisation
+    lr: float = 2e-4  # AdamW, constant after warmup; ~1/30 of the pre-training peak (6e-3)
+    epochs: int = 1  # passes over the training pairs
+    batch_prompts: int = 16  # openings per step, all their pairs' answers in one forward (best_worst:
+    # 16 pairs, 32 rows; all: ~140 pairs, ~100 rows)
+    warmup_steps: int = 5
+    grad_clip: float = 1.0
+    ptx_coef: float = 0.0  # weight of a TinyStories next-token loss added to every step (InstructGPT's
+    # "PPO-ptx" pre-training mix, arXiv:2203.02155 eq. 2); 0 = pure preference loss. See train_preference
+    ptx_batch: int = 16  # TinyStories windows per step for that term ...
+    ptx_tokens: int = 128  # ... of this many tokens each
+    probe_every: int = 0  # every this many steps, score the held-out pairs and the val loss (0 = never)
+    # evaluation
+    val_tokens: int = 65536  # TinyStories val tokens for the val loss before / after
+    seed: int = 1337
+    num_threads: int = 0  # torch CPU threads; 0 = torch's default
+    plot_prefix: str = "assets/dpo"  # writes <prefix>_reward_kl.png and <prefix>_curves.png; "" = none
 
 
 # -----------------------------------------------------------------------------------------------
@@ -773,7 +799,7 @@ def main(argv: list[str]) -> dict:
         control = val_loss(policy, val_tok, byte_lengths, cfg)
     print(f"\n{n_train} train pairs, {len(heldout_pairs)} held-out pairs; win-rate on "
           f"{len(eval_prompts)} held-out prompts x {cfg.eval_samples} fresh samples\n")
-    longer = int((ref_held["nc"] > ref_held["nr"]).sum())  # the split preference_stats makes
+    longer = int((ref_held["chosen_lengths"] > ref_held["rejected_lengths"]).sum())  # preference_stats' split
     print(f"held-out reward acc: all pairs (the {longer} where chosen is longer / the "
           f"{len(heldout_pairs) - longer} where it is not)\n")
     print("| method | win-rate | fluent | held-out reward acc | held-out margin | KL/token | "

@@ -89,6 +89,7 @@ class GPTConfig:
     tie_embeddings: bool = True  # output head shares the token embedding matrix (GPT-2, Llama 3.2 1B)
     dropout: float = 0.0
     attn_impl: str = "sdpa"  # naive (the reference) | sdpa | flash (from attention_flash.py)
+    attention: str = "gqa"  # the attention layer: gqa (MHA/GQA/MQA by n_kv_head) | mla (mla.py, DeepSeek)
     window: int = 0  # causal sliding window in tokens (Mistral, gpt-oss); 0 = full causal attention
     sinks: bool = False  # learned per-head logit that joins the softmax denominator (gpt-oss)
     qk_norm: bool = False  # RMSNorm on each head's queries and keys before RoPE (OLMo 2, Qwen3)
@@ -113,7 +114,7 @@ class GPTConfig:
              f"(256 byte tokens + <|endoftext|> up to GPT-2's full vocabulary), got {self.vocab_size}")
         need(self.norm in ("rmsnorm", "layernorm"), f"norm must be rmsnorm or layernorm, not {self.norm!r}")
         need(self.pos_emb in ("rope", "learned"), f"pos_emb must be rope or learned, not {self.pos_emb!r}")
-        need(self.pos_emb != "rope" or self.head_size % 2 == 0, "RoPE needs an even head size")
+        need(self.pos_emb != "rope" or self.rope_dim % 2 == 0, "RoPE needs an even head size")
         need(self.window >= 0, f"window must be >= 0, got {self.window}")
         need(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
         need(self.attn_soft_cap >= 0 and self.z_loss >= 0, "attn_soft_cap and z_loss must be >= 0")
@@ -126,6 +127,11 @@ class GPTConfig:
     @property
     def head_size(self) -> int:
         return self.n_embd // self.n_head
+
+    @property
+    def rope_dim(self) -> int:
+        """Channels of a head that RoPE rotates: all of them (mla.py rotates only a decoupled part)."""
+        return self.head_size
 
     @property
     def hidden_size(self) -> int:
@@ -151,7 +157,8 @@ PRESETS: dict[str, dict] = {
 # Attention kernels. Every kernel takes
 #     q (B, nh, Tq, hs), k and v (B, nkv, Tk, hs)  with nh a multiple of nkv (query head h reads
 #     kv head h // (nh // nkv), as Llama's repeat_kv does), queries being the *last* Tq of the Tk
-#     positions (bottom-right aligned, the KV-cache case), and returns (B, nh, Tq, hs).
+#     positions (bottom-right aligned, the KV-cache case), and returns (B, nh, Tq, hs). The values
+#     may be narrower than the keys, v (B, nkv, Tk, hs_v <= hs) -> (B, nh, Tq, hs_v) (mla.py's are).
 # Options: causal; window W (key j is visible from query i iff i - W < j <= i); sinks (nh,) learned
 # logits that join each row's softmax denominator and take probability mass without a value;
 # soft_cap (scores -> cap * tanh(scores / cap)). New kernels register in ATTENTION.
@@ -374,6 +381,10 @@ class Attention(nn.Module):
         self.record_max_logit = False  # when True, forward stores max_attention_logit in self.max_logit
         self.max_logit: Optional[torch.Tensor] = None
 
+    def make_cache(self, batch_size: int, max_len: int, device=None, dtype=torch.float32) -> KVCache:
+        """The empty cache that forward(x, rope, cache) fills: what a layer caches is its own business."""
+        return KVCache(self.cfg, batch_size, max_len, device, dtype)
+
     def forward(self, x, rope: Optional[tuple], cache: Optional[KVCache] = None):
         B, T, C = x.shape
         cfg = self.cfg
@@ -429,6 +440,11 @@ class GeluMLP(nn.Module):
 # has a method `after_optimizer_step()`, the training loop calls it after every step.
 MLPS: dict[str, Callable[[GPTConfig, int], nn.Module]] = {"swiglu": SwiGLU, "gelu": GeluMLP}
 
+# The attention-layer slot, the same way. ATTENTION_LAYERS[cfg.attention](cfg, layer) has
+# forward(x (B, T, C), rope, cache) -> (B, T, C) and make_cache(batch_size, max_len, device, dtype),
+# the empty cache its forward fills while decoding (mla.py caches a latent vector instead of K and V).
+ATTENTION_LAYERS: dict[str, Callable[[GPTConfig, int], nn.Module]] = {"gqa": Attention}
+
 
 class Block(nn.Module):
     """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
@@ -436,7 +452,7 @@ class Block(nn.Module):
     def __init__(self, cfg: GPTConfig, layer: int):
         super().__init__()
         self.attention_norm = make_norm(cfg, cfg.n_embd)
-        self.attention = Attention(cfg, layer)
+        self.attention = plugin("attention", cfg.attention)(cfg, layer)
         self.ffn_norm = make_norm(cfg, cfg.n_embd)
         self.feed_forward = plugin("mlp", cfg.mlp)(cfg, layer)
 
@@ -499,7 +515,7 @@ class GPT(nn.Module):
         if cfg.pos_emb == "learned":
             x = x + self.pos_embeddings(pos)  # (B, T, C) + (T, C)
         else:
-            rope = rope_cos_sin(pos, cfg.head_size, cfg.rope_theta)  # 2 x (T, hs/2)
+            rope = rope_cos_sin(pos, cfg.rope_dim, cfg.rope_theta)  # 2 x (T, rope_dim/2)
         x = self.dropout(x)
         for block in self.layers:
             x = block(x, rope, cache)
@@ -519,6 +535,12 @@ class GPT(nn.Module):
                 loss = loss + aux
         return logits, loss
 
+    def make_cache(self, batch_size: int, max_len: int) -> KVCache:
+        """An empty cache for decoding batch_size sequences of up to max_len positions, on the model's
+        device and in its dtype, made by the attention layers (they know what they cache)."""
+        w = self.tok_embeddings.weight
+        return self.layers[0].attention.make_cache(batch_size, max_len, w.device, w.dtype)
+
     def after_optimizer_step(self) -> None:
         """Let submodules update non-gradient state after each step (e.g. MoE balancing biases)."""
         for m in self.modules():
@@ -527,15 +549,16 @@ class GPT(nn.Module):
 
 
 # -----------------------------------------------------------------------------------------------
-# Plug-in points. The attention kernel, the MLP and the optimizer are looked up by name in plain dicts
-# (ATTENTION, MLPS above, OPTIMIZERS below) that other chapters add to when imported. PROVIDERS says
-# which chapter provides which name, so `python gpt.py --mlp=moe` imports moe.py on first use: no
-# user code has to import it. A chapter whose part takes options of its own registers a dataclass
-# extending GPTConfig or TrainConfig under the part's name in CONFIG_CLASSES (moe.py: MoEConfig), and
-# the command line and checkpoints then know those options too.
+# Plug-in points. The attention kernel and layer, the MLP and the optimizer are looked up by name in
+# plain dicts (ATTENTION, ATTENTION_LAYERS, MLPS above, OPTIMIZERS below) that other chapters add to
+# when imported. PROVIDERS says which chapter provides which name, so `python gpt.py --mlp=moe`
+# imports moe.py on first use: no user code has to import it. A chapter whose part takes options of
+# its own registers a dataclass extending GPTConfig or TrainConfig under the part's name in
+# CONFIG_CLASSES (moe.py: MoEConfig), and the command line and checkpoints then know those options too.
 
 PROVIDERS: dict[str, dict[str, str]] = {  # config field -> {name: module that registers it}
     "attn_impl": {"flash": "attention_flash"},
+    "attention": {"mla": "mla"},
     "mlp": {"moe": "moe"},
     "optimizer": {"muon": "muon"},
 }
@@ -543,9 +566,10 @@ CONFIG_CLASSES: dict[str, type] = {}  # plug-in name -> dataclass adding its opt
 
 
 def plugin(kind: str, name: str) -> Callable:
-    """The entry `name` of the plug-in table for config field `kind` (attn_impl, mlp, optimizer),
-    importing the chapter that provides it first if needed; a clear error lists the choices."""
-    table = {"attn_impl": ATTENTION, "mlp": MLPS, "optimizer": OPTIMIZERS}[kind]
+    """The entry `name` of the plug-in table for config field `kind` (attn_impl, attention, mlp,
+    optimizer), importing the chapter that provides it first if needed; a clear error lists the choices."""
+    table = {"attn_impl": ATTENTION, "attention": ATTENTION_LAYERS, "mlp": MLPS,
+             "optimizer": OPTIMIZERS}[kind]
     if name not in table and name in PROVIDERS[kind]:
         importlib.import_module(PROVIDERS[kind][name])  # the module registers itself on import
     if name not in table:
@@ -638,7 +662,7 @@ def generate(model: GPT, prompt: list[int], max_new_tokens: int, num_samples: in
     seqs = torch.tensor(prompt, device=device).repeat(num_samples, 1)  # (B, T0)
     done = torch.zeros(num_samples, dtype=torch.bool, device=device)
     ctx = seqs[:, -cfg.block_size:]
-    cache = KVCache(cfg, num_samples, cfg.block_size, device, model.tok_embeddings.weight.dtype)
+    cache = model.make_cache(num_samples, cfg.block_size)
     logits, _ = model(ctx, cache=cache)
     for _ in range(max_new_tokens):
         nxt = sample_next(logits[:, -1], temperature, top_k, top_p, generator)  # (B,)
@@ -649,7 +673,7 @@ def generate(model: GPT, prompt: list[int], max_new_tokens: int, num_samples: in
         if bool(done.all()):
             break
         if not cfg.window and cache.pos >= cfg.block_size:  # full: re-prefill the last half
-            cache = KVCache(cfg, num_samples, cfg.block_size, device, cache.k.dtype)
+            cache = model.make_cache(num_samples, cfg.block_size)
             logits, _ = model(seqs[:, -(cfg.block_size // 2):], cache=cache)
         else:
             logits, _ = model(nxt[:, None], cache=cache)
@@ -1227,8 +1251,9 @@ def train(cfg: GPTConfig, tc: TrainConfig, verbose: bool = True, *, model: Optio
         final = dict(val_loss=ev["loss"], val_bpb=ev["bpb"], val_tokens=ev["tokens"],
                      unigram_loss=unigram_entropy(np.asarray(val_tokens), enc.n_vocab),
                      train_time=time.time() - t_start, step_time=t_train, iters=tc.max_iters, **extra)
-        history.append(dict(iter=tc.max_iters, val_loss=ev["loss"], val_bpb=ev["bpb"], val_tokens=ev["tokens"],
-                            time=time.time() - t_start, train_time=t_train, whole_split=True, **extra))
+        history.append(dict(iter=tc.max_iters, val_loss=ev["loss"], val_bpb=ev["bpb"],
+                            val_tokens=ev["tokens"], time=time.time() - t_start, train_time=t_train,
+                            whole_split=True, **extra))
         log(f"final: val loss {ev['loss']:.4f} nats/token ({ev['bpb']:.4f} bits/byte) over the whole val "
             f"split ({ev['tokens']:,} next-token targets); unigram baseline {final['unigram_loss']:.4f}; "
             f"{final['train_time']:.0f}s" + "".join(f"; {k} {v:.4g}" for k, v in extra.items()))
@@ -1598,4 +1623,7 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    # Run as a script this file is the module __main__; a chapter it imports for a plug-in does
+    # `import gpt` and must register into these tables, not into a second copy of this file.
+    sys.modules.setdefault("gpt", sys.modules[__name__])
     main(sys.argv[1:])

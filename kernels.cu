@@ -27,9 +27,10 @@
 //
 // Measured speed: NONE YET. This file was written and compiled (nvcc 13.0, sm_90) on a machine without
 // a GPU; neither correctness on a GPU nor speed has been measured. Run tests/test_kernels.py and
-// bench_kernels.py on a GPU before trusting it, and record the figures here and in README.
-// Targets (issue 8, H100): forward >= 50% and backward >= 30% of SDPA-flash at T=4096, hs 64/128, bf16,
-// causal; int8 GEMV >= 1.6x and int4 GEMV >= 2.5x the fp16 cuBLAS GEMV (memory-bound ideal: 2x, 4x).
+// bench_kernels.py on a GPU before trusting it, and record the figures here and in docs/kernels.md.
+// Targets (H100; the H200 has the same math rates): forward >= 50% and backward >= 30% of SDPA-flash
+// at T=4096, hs 64/128, bf16, causal; int8 GEMV >= 1.6x and int4 GEMV >= 2.5x the fp16 cuBLAS GEMV
+// (memory-bound ideal: 2x, 4x).
 //
 // Conventions shared with attention_flash.py (see its "Dispatch" section)
 //   q (B, nh, Tq, hs), k and v (B, nkv, Tk, hs), contiguous, bf16 or fp16, hs in {64, 128}; query head
@@ -288,11 +289,11 @@ flash_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __re
 //
 // (a) flash_bwd_dot_kernel: D, one warp per row (B * nh * Tq rows), fp32.
 // (b) flash_bwd_kernel: grid (ceil(Tk / BC), B * nkv), HS / 16 warps (4 for hs 64, 8 for hs 128).
-//     The block owns BC = 64 keys of one kv head and loops over the G query heads that share it and
-//     over their query tiles of BR rows (64 for hs 64, 32 for hs 128, to fit shared memory), keeping
-//     only the tiles some query can see. Warp w owns columns 16w .. 16w+15 of dK and dV for all 64
-//     keys: 4 + 4 WMMA accumulators that stay in registers for the whole block (plain sums, so the
-//     opaque register layout does not matter) and are written once at the end (Alg 2 l.18).
+//     The block owns BC = 64 keys of one kv head and loops over the rep = nh / nkv query heads that
+//     share it and over their query tiles of BR rows (64 for hs 64, 32 for hs 128, to fit shared
+//     memory), keeping only the tiles some query can see. Warp w owns columns 16w .. 16w+15 of dK and
+//     dV for all 64 keys: 4 + 4 WMMA accumulators that stay in registers for the whole block (plain
+//     sums, so the opaque register layout does not matter) and are written once at the end (Alg 2 l.18).
 //     Per query tile, steps separated by __syncthreads():
 //         Qs, dOs, lse, D <- this tile                                   (Alg 2 l.9)
 //         S  = Q K^T                     -> Ss  (fp32)   tiles spread over warps   (l.10)
@@ -363,7 +364,7 @@ flash_bwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __re
 
     const int bkv = blockIdx.y;                 // b * nkv + kv head
     const int b = bkv / nkv, kvh = bkv % nkv;
-    const int G = nh / nkv;
+    const int rep = nh / nkv;  // query heads per kv head (GQA)
     const int j0 = blockIdx.x * BC;             // first key of the block
     const int j1 = min(j0 + BC, Tk);            // one past the last real key
     const int off = Tk - Tq;
@@ -387,8 +388,8 @@ flash_bwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __re
     const int i_lo = (int)max(0LL, p_lo - off);
     const int i_hi = (int)min((long long)Tq - 1, p_hi - off);
 
-    for (int g = 0; g < G; ++g) {  // the query heads that share this kv head
-        const int bh = b * nh + kvh * G + g;
+    for (int g = 0; g < rep; ++g) {  // the query heads that share this kv head
+        const int bh = b * nh + kvh * rep + g;
         const T* qp = q + (size_t)bh * Tq * HS;
         const T* dop = dout + (size_t)bh * Tq * HS;
         for (int i0 = (i_lo / BR) * BR; i0 <= i_hi; i0 += BR) {  // Alg 2 l.8

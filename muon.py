@@ -601,7 +601,8 @@ def demo(dc: DemoConfig) -> dict:
     paths = [gpt.plot_path(name, documented, dc.out_dir) for name in ("muon_race.png", "muon_qk_clip.png")]
     plot_race(best, paths[0],
               f"AdamW vs Muon, {dc.n_layer}L C={dc.n_embd} T={dc.block_size}, {dc.steps} steps, best LR each")
-    plot_clip(clip_runs, tau, paths[1], f"Muon at lr {dc.clip_lr:g}: max attention logit with and without QK-Clip")
+    plot_clip(clip_runs, tau, paths[1],
+              f"Muon at lr {dc.clip_lr:g}: max attention logit with and without QK-Clip")
 
     print("\n| learning-rate grid | " + " | ".join(f"lr {lr:g}" for lr in grid["AdamW"][1]) + " |")
     print("|---|" + "---|" * len(grid["AdamW"][1]))
@@ -640,7 +641,7 @@ def parse_demo_args(argv: list[str]) -> DemoConfig:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["train"]:  # gpt.py's command line with Muon chosen: the same as gpt.py --optimizer=muon
+    if sys.argv[1:2] == ["train"]:  # gpt.py's command line with Muon chosen (= gpt.py --optimizer=muon)
         gpt.main(["--optimizer=muon"] + sys.argv[2:])
     else:
         try:

@@ -28,8 +28,9 @@ Run it
     python quant.py --gguf=out/model-q4_0.gguf --gguf_dtype=Q4_0   # also write a llama.cpp file
 
 Not covered: GPTQ / error-feedback rounding (Hessian-aware), k-quants and i-quants (Q4_K, IQ2...),
-quantized KV caches, quantization-aware training, real int4/FP8 matmul kernels (kernels.cu will
-provide one behind the dispatch point in QuantLinear.forward; here the CPU path dequantizes).
+quantized KV caches, quantization-aware training, int4/FP8 matmul on the CPU (the PyTorch path
+dequantizes, then multiplies; on CUDA, QuantLinear.forward dispatches int8 and int4 to kernels.cu's
+fused dequantize-matmul when the extension is built).
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ import torch.nn.functional as F
 
 import gpt
 
-try:  # the CUDA extension built from kernels.cu (kernels issue); optional, CUDA tensors only
+try:  # the CUDA extension built from kernels.cu (setup.py); optional, CUDA tensors only
     import llm_kernels
 except ImportError:
     llm_kernels = None
@@ -95,10 +96,12 @@ def _check_finite(w: torch.Tensor, fmt: str) -> None:
 
 
 def _check_fp16_scale(scale: torch.Tensor, fmt: str) -> None:
-    """Formats with an fp16 scale cannot store blocks whose scale exceeds fp16's 65504."""
-    if bool((scale.abs() > torch.finfo(torch.float16).max).any()):
-        raise ValueError(f"{fmt}: a value of {float(scale.abs().max()):.3g} overflows the fp16 scale/value "
-                         f"field (max 65504): the weights are too large for this format")
+    """Refuse a scale (or kept value) that becomes fp16 infinity. The fp32 -> fp16 conversion rounds to
+    nearest even, as ggml's GGML_FP32_TO_FP16 does, so anything below 65520 (65504 + half of fp16's
+    top step of 32) is stored as a finite fp16, at most 65504 (bits 0x7BFF); 65520 and above is inf."""
+    if bool(torch.isinf(scale.half()).any()):
+        raise ValueError(f"{fmt}: a value of {float(scale.abs().max()):.7g} overflows the fp16 scale/value "
+                         f"field (>= 65520 rounds to fp16 inf): the weights are too large for this format")
 
 
 def _blocks(w: torch.Tensor, size: int, fmt: str) -> torch.Tensor:
@@ -190,6 +193,8 @@ def dequantize_int8_outlier(q: dict, shape: tuple[int, int]) -> torch.Tensor:
 # GGML Q8_0 (block_q8_0 in ggml-common.h): 32 weights -> 34 bytes
 #   bytes 0-1: d, fp16 little-endian, d = amax / 127
 #   bytes 2-33: qs[32], int8, qs[j] = roundf(x[j] / d)   (computed with the fp32 d, stored as fp16)
+# The fp16 d is rounded to nearest even: any d < 65520 is stored finite (up to 65504 = 0x7BFF, as ggml
+# writes it); a larger d would be stored as inf, and quantize_q8_0 refuses it (so does Q4_0).
 # bits/weight = 34 * 8 / 32 = 8.5.  Byte-identical to quantize_row_q8_0_ref.
 
 
@@ -238,22 +243,36 @@ def dequantize_q4_0(q: dict, shape: tuple[int, int]) -> torch.Tensor:
 
 # -----------------------------------------------------------------------------------------------
 # MXFP4 (OCP MX v1.0; GGML's block_mxfp4): 32 weights -> 17 bytes
-#   byte 0: e, E8M0 (a bare biased exponent): scale X = 2^(e - 127), e = floor(log2(amax)) - 2 + 127
+#   byte 0: e, E8M0 (a bare biased exponent): scale X = 2^(e - 127), e = floorf(log2f(amax)) - 2 + 127
 #   bytes 1-16: qs[16], FP4 E2M1 codes (1 sign, 2 exponent, 1 mantissa bit), GGML nibble order
 # E2M1 magnitudes by code 0..7: 0, 0.5, 1, 1.5, 2, 3, 4, 6; bit 3 is the sign. The scale puts amax in
-# [4X, 8X): values above 6X saturate to 6X. GGML picks the nearest level by a first-minimum search
-# over its table, so ties go to the smaller magnitude (the OCP spec says round-to-nearest-even: they
-# differ on exact ties such as 0.75X). bits/weight = 17 * 8 / 32 = 4.25.
+# [4X, 8X) (or a hair below 4X, see log2_floor_f32): values above 6X saturate to 6X. GGML picks the
+# nearest level by a first-minimum search over its table, so ties go to the smaller magnitude (the OCP
+# spec says round-to-nearest-even: they differ on exact ties such as 0.75X).
+# bits/weight = 17 * 8 / 32 = 4.25.
 E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+
+
+def log2_floor_f32(x: torch.Tensor) -> torch.Tensor:
+    """C's floorf(log2f(x)) for float32 x > 0: log2 is rounded to float32 *before* the floor.
+
+    That is not the binary exponent (frexp): for x a few float32 steps below 2^k, log2(x) = k - ~1e-7
+    lies within half a float32 ulp of k, so log2f returns exactly k and the floor is k, not k - 1.
+    E.g. x = nextafter(16, 0) = 16 - 2^-20: log2 = 4 - 8.6e-8, float32 spacing below 4 is 2.4e-7, so
+    log2f = 4.0. This happens to the last few float32 values below 2^k for k >= 3 and k <= -2 (up to
+    ~0.7 |k| of them, 44 at most). We take log2 in float64 (error ~1e-16, far below float32's 6e-8) and
+    round it to the nearest float32: a correctly rounded log2f, which is what glibc's log2f returns on
+    all these values (the tests check every float32 near a power of two against libm, via ctypes)."""
+    return torch.log2(x.double()).float().floor()
 
 
 def quantize_mxfp4(w: torch.Tensor) -> dict[str, torch.Tensor]:
     _check_finite(w, "MXFP4")
     x = _blocks(w, 32, "MXFP4")  # (nb, 32)
     amax = x.abs().amax(dim=1, keepdim=True)  # (nb, 1)
-    # C computes floorf(log2f(amax)) in fp32; frexp gives the same exponent exactly. Below 2^-125 the
-    # C cast to uint8 is undefined; we clamp e to 0 (X = 2^-127), so such blocks round to zero.
-    e = (torch.frexp(amax).exponent - 1 - 2 + 127).clamp(0, 254)
+    # Below 2^-125 the C cast of a negative e to uint8 is undefined; we clamp e to 0 (X = 2^-127), so
+    # such blocks round to zero. At the top, amax = nextafter(2^128, 0) gives log2f = 128 and e = 253.
+    e = (log2_floor_f32(amax) - 2 + 127).clamp(0, 254).int()
     e = torch.where(amax > 0, e, torch.zeros_like(e))  # (nb, 1) int32
     half_scale = torch.ldexp(torch.ones_like(amax), (e - 128).float())  # X/2, ggml's E8M0_TO_FP32_HALF
     levels = (2 * E2M1.to(x.device)).view(1, 1, 8) * half_scale.unsqueeze(-1)  # (nb, 1, 8): kvalues * X/2

@@ -15,6 +15,10 @@ import gpt  # noqa: E402
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: over ~20 s on a 2-core CPU (run by default)")
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     """The default trimmed GPT-2 tokenizer (8,192 tokens) and its kept GPT-2 ranks."""

@@ -81,7 +81,7 @@ def test_rows_that_see_no_key_give_zeros_not_nan():
 
 @pytest.mark.parametrize("heads", ["mha", "gqa2"])
 def test_inputs_are_not_modified(heads):
-    # with G = 1 the row layout is a view of q: scaling it in place would corrupt the caller's q
+    # with rep = nh/nkv = 1 the row layout is a view of q: scaling it in place would corrupt the caller's q
     nh, nkv = HEADS[heads]
     q, k, v, s, do = make_inputs(1, nh, nkv, 9, 4, sinks=True, dtype=torch.float32)
     before = [t.clone() for t in (q, k, v, s, do)]

@@ -657,15 +657,27 @@ def test_cli_trains_then_samples_from_checkpoint(tmp_path):
     run = lambda *a: subprocess.run([sys.executable, str(ROOT / "gpt.py"), *a], capture_output=True,  # noqa: E731
                                     text=True, timeout=600)
     assets = {p.name: p.stat().st_mtime_ns for p in (ROOT / "assets").glob("*.png")}
-    r = run("--n_layer=1", "--n_embd=32", "--block_size=32", "--max_iters=5", "--eval_interval=100",
-            "--batch_size=4", "--max_new_tokens=20", "--num_samples=1", f"--out_dir={tmp_path}")
+    # (batch 32 x 64 tokens: the closing evaluation of the whole val split takes 88 batches, not 1,400)
+    r = run("--n_layer=1", "--n_embd=32", "--block_size=64", "--max_iters=5", "--eval_interval=100",
+            "--batch_size=32", "--max_new_tokens=20", "--num_samples=1", f"--out_dir={tmp_path}")
     assert r.returncode == 0, r.stderr
     assert "bits/byte" in r.stdout and "--- sample 1 ---" in r.stdout
     assert (tmp_path / "loss.png").stat().st_size > 1000  # a modified run plots into its out_dir...
     assert {p.name: p.stat().st_mtime_ns for p in (ROOT / "assets").glob("*.png")} == assets  # ...not assets/
     r = run("--sample", f"--ckpt={tmp_path / 'ckpt.pt'}", "--prompt=Once upon a time", "--max_new_tokens=10")
     assert r.returncode == 0, r.stderr
-    assert r.stdout.count("Once upon a time") == 3
+    samples = re.findall(r"--- sample \d+ ---\n(.*)", r.stdout)
+    assert len(samples) == 3 and all(s.startswith("Once upon a time") for s in samples), r.stdout
+    # a plug-in named on the command line (moe.py's layer and one of its options) registers into the
+    # gpt module that runs as the script, and the checkpoint rebuilds the MoE model for --sample
+    moe_ckpt = tmp_path / "moe" / "ckpt.pt"
+    r = run("--n_layer=1", "--n_embd=32", "--block_size=32", "--max_iters=3", "--stop_at=2", "--batch_size=4",
+            "--eval_interval=100", "--eval_tokens=256", "--mlp=moe", "--n_experts=4", "--top_k=2",
+            f"--ckpt={moe_ckpt}")
+    assert r.returncode == 0, r.stderr
+    assert "mlp=moe" in r.stdout and moe_ckpt.exists()
+    r = run("--sample", f"--ckpt={moe_ckpt}", "--max_new_tokens=5", "--num_samples=1")
+    assert r.returncode == 0 and "--- sample 1 ---" in r.stdout, r.stderr
     r = run("--n_layerz=1")
     assert r.returncode != 0 and "unknown option --n_layerz" in r.stderr
     r = run("--sample", f"--ckpt={tmp_path / 'missing.pt'}")

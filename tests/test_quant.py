@@ -2,6 +2,8 @@
 the gguf package's NumPy quantizers, hand-computed blocks), error bounds, edge cases, QuantLinear,
 quantized models that still generate, AWQ, and GGUF files read back with gguf.GGUFReader."""
 
+import ctypes
+import ctypes.util
 import math
 
 import numpy as np
@@ -84,6 +86,27 @@ def c_quantize_row_q4_0(x: np.ndarray) -> bytes:
 KVALUES_MXFP4 = [0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12]  # ggml-common.h, E2M1 * 2
 
 
+def _load_log2f():
+    """The C library's float32 log2f, the function ggml calls (not Python's float64 math.log2, which is
+    not rounded to float32 and so misses the values just below a power of two)."""
+    try:
+        f = ctypes.CDLL(ctypes.util.find_library("m")).log2f
+    except (OSError, AttributeError, TypeError):
+        return None
+    f.restype, f.argtypes = ctypes.c_float, [ctypes.c_float]
+    return f
+
+
+LOG2F = _load_log2f()
+
+
+def c_floorf_log2f(amax: float) -> int:
+    """floorf(log2f(amax)) in C float32 arithmetic, through ctypes."""
+    if LOG2F is None:
+        pytest.skip("needs the C library's log2f through ctypes")
+    return math.floor(LOG2F(float(amax)))  # the float32 result, exactly, as a Python float
+
+
 def c_quantize_row_mxfp4(x: np.ndarray) -> bytes:
     out = b""
     for blk in x.astype(np.float32).reshape(-1, 32):
@@ -91,7 +114,7 @@ def c_quantize_row_mxfp4(x: np.ndarray) -> bytes:
         for v in blk:
             if amax < abs(v):
                 amax = abs(v)
-        e = int(math.floor(math.log2(amax))) - 2 + 127 if amax > 0 else 0
+        e = c_floorf_log2f(amax) - 2 + 127 if amax > 0 else 0
         d = np.float32(2.0 ** (e - 128))  # GGML_E8M0_TO_FP32_HALF
         codes = []
         for v in blk:
@@ -189,6 +212,73 @@ def test_mxfp4_hand_block():
     assert back[:8].tolist() == [6, -6, 0.5, 0.5, 0, 4, -1.5, 6]
 
 
+def test_mxfp4_block_just_below_a_power_of_two():
+    x = torch.zeros(1, 32)
+    x[0, 0] = float(np.nextafter(np.float32(16), np.float32(0)))  # 16 - 2^-20, the block's amax
+    x[0, 1] = -6.0
+    b = quant.quantize_mxfp4(x)["blocks"][0]
+    # float32 log2f(16 - 2^-20) = 4.0 exactly (the true 4 - 8.6e-8 is within half a float32 step of 4),
+    # so e = 4 - 2 + 127 = 129 and X = 4; the binary exponent (frexp) would give 128, X = 2, and the
+    # value would saturate to 6X = 12
+    assert b[0] == 129
+    assert b[1:3].tolist() == [6, 8 | 3] and b[3:].tolist() == [0] * 14  # 16- -> 4X (code 6), -6 -> -1.5X
+    assert bytes(b.tolist()) == c_quantize_row_mxfp4(x.numpy())
+    back = quant.dequantize_mxfp4(dict(blocks=b[None]), (1, 32))[0]
+    assert back[:2].tolist() == [16.0, -6.0]
+
+
+def neighbours_of_powers_of_two(below: int, above: int) -> tuple[np.ndarray, np.ndarray]:
+    """float32 values (n_powers, below) just under and (n_powers, above) from each power of two
+    2^-124 .. 2^128 (2^128 itself is inf: the values under it end at the largest float32). Below 2^-124
+    C's (uint8_t) cast of a negative e would be undefined."""
+    powers = np.array([np.float32(2.0 ** k).view(np.uint32) if k < 128 else 0x7F800000
+                       for k in range(-124, 129)], dtype=np.uint32)
+    under = powers[:, None] - np.arange(1, below + 1, dtype=np.uint32)  # (n, below), nearest first
+    over = powers[:-1, None] + np.arange(above, dtype=np.uint32)  # (n - 1, above)
+    return under.view(np.float32), over.view(np.float32)
+
+
+def test_mxfp4_exponent_is_float32_log2f_near_every_power_of_two():
+    """ggml's e = floorf(log2f(amax)) - 2 + 127 with a float32 log2f, against the C library's log2f, on
+    every float32 from 128 steps under to 16 steps over each power of two. Under 2^k, log2f rounds up
+    to exactly k for the nearest few values (up to 44 of them, at |k| >= 64): there e is one more than
+    the binary exponent (frexp) gives. The window reaches past them: at its far end, C agrees with frexp,
+    and log2f is monotone, so no value further down can differ."""
+    under, over = neighbours_of_powers_of_two(128, 16)
+    x = np.concatenate([under.ravel(), over.ravel()])
+    want = np.array([c_floorf_log2f(v) - 2 + 127 for v in x])
+    binary = torch.frexp(torch.from_numpy(x)).exponent.numpy() - 1 - 2 + 127
+    rounded_up = want != binary
+    assert rounded_up.sum() > 7000 and not rounded_up[under.size:].any()  # only under the powers
+    assert not rounded_up[:under.size].reshape(under.shape)[:, -1].any()  # the window's far end
+    w = torch.zeros(len(x), 32)
+    w[:, 0] = torch.from_numpy(x)  # one nonzero per block: amax = x
+    got = quant.quantize_mxfp4(w)["blocks"][:, 0].numpy()
+    assert np.array_equal(got, want), f"{int((got != want).sum())} exponent bytes differ from C"
+
+
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_0"])
+def test_ggml_fp16_scale_at_the_top_of_fp16(fmt):
+    """A scale d that rounds to fp16's largest finite value, 65504, is stored as ggml stores it (0x7BFF,
+    or 0xFBFF for Q4_0's negative d); only a d that rounds to fp16 inf (|d| >= 65520) is refused."""
+    # Q8_0: d = amax / 127; Q4_0: d = max / -8, with the signed max. Integers below 2^24 are exact.
+    finite = [65504 * 127, 8321039] if fmt == "q8_0" else [-65504 * 8, 524159.9375, -524159.9375]
+    overflow = 8321040 if fmt == "q8_0" else -524160  # d = 65520 exactly: the midpoint, even is inf
+    for top in finite:
+        w = torch.tensor([top, top / 3, -top / 7, 1.0] + [0.0] * 28)[None]
+        ours = quant.SCHEMES[fmt][0](w)["blocks"]
+        assert ours[0, :2].tolist() in ([0xFF, 0x7B], [0xFF, 0xFB]), (top, ours[0, :2])  # +-65504
+        ref = gguf_quantize(w.numpy(), GGML[fmt]).tobytes()
+        assert ours.numpy().tobytes() == C_REF[fmt](w.numpy()) == ref
+        back = quant.SCHEMES[fmt][1](dict(blocks=ours), (1, 32))
+        assert bool(torch.isfinite(back).all()) and abs(float(back[0, 0]) - top) <= abs(top) / 100
+    w = torch.tensor([float(overflow)] + [0.0] * 31)[None]
+    with np.errstate(over="ignore"):
+        assert C_REF[fmt](w.numpy())[:2] in (b"\x00\x7c", b"\x00\xfc")  # C would store +-inf
+    with pytest.raises(ValueError, match="overflows the fp16 scale/value field"):
+        quant.SCHEMES[fmt][0](w)
+
+
 def test_int8_hand_row():
     q = quant.quantize_int8(torch.tensor([[254.0, -127.0, 1.0, 0.0]]))
     assert q["scale"].tolist() == [2.0] and q["q"].tolist() == [[127, -64, 0, 0]]  # ties to even
@@ -251,7 +341,8 @@ def error_bound(scheme: str, w: torch.Tensor) -> torch.Tensor:
         return (d * (1 + 8 * 2.0 ** -11) + 1e-30).expand(-1, 32).reshape(N, K)
     if scheme == "mxfp4":  # half the E2M1 spacing at the value's magnitude; 6X..8X saturate (<= 2X)
         a = w.reshape(-1, 32)
-        X = torch.ldexp(torch.ones_like(a[:, :1]), torch.frexp(a.abs().amax(1, keepdim=True)).exponent - 3)
+        e = torch.log2(a.abs().amax(1, keepdim=True).double()).float().floor()  # floorf(log2f(amax))
+        X = torch.ldexp(torch.ones_like(a[:, :1]), e - 2)
         m = a.abs() / X
         half_gap = torch.where(m < 2, 0.25, torch.where(m < 4, 0.5, torch.where(m < 6, 1.0, 2.0)))
         return (half_gap * X).reshape(N, K)
@@ -464,13 +555,43 @@ def test_quantize_model_rejects_unknown_and_needs_calibration(trained):
 # AWQ
 
 
-def test_awq_folding_keeps_the_function(trained, val_batch, calib):
+def awq_fold_targets(model: gpt.GPT, i: int) -> dict[str, torch.Tensor]:
+    """The tensor each of layer i's AWQ groups folds its x / s into (see quant.apply_awq)."""
+    blk = model.layers[i]
+    return {"qkv": blk.attention_norm.weight, "o": blk.attention.wv.weight,
+            "gate_up": blk.ffn_norm.weight, "down": blk.feed_forward.w3.weight}
+
+
+def test_awq_folding_keeps_the_function(trained, val_batch, calib, monkeypatch):
     model, _ = trained
+    x = val_batch[0]
+    # The search: whichever alpha it picks for a group (this can differ between CPUs), alpha = 0 means
+    # s = 1 and leaves the group's fold target bit for bit, alpha > 0 changes it; the function stays.
     scaled, alphas = quant.apply_awq(model, calib, G=32, grid=4)
-    assert any(a > 0 for a in alphas.values())  # it did rescale something
-    assert not torch.equal(scaled.layers[0].attention_norm.weight, model.layers[0].attention_norm.weight)
+    assert len(alphas) == 4 * model.cfg.n_layer
+    for i in range(model.cfg.n_layer):
+        before, after = awq_fold_targets(model, i), awq_fold_targets(scaled, i)
+        for group, t in before.items():
+            assert torch.equal(after[group], t) == (alphas[f"layers.{i}.{group}"] == 0), (i, group)
     with torch.no_grad():  # in float arithmetic x W^T = (x / s)(W s)^T: same logits
-        torch.testing.assert_close(scaled(val_batch[0])[0], model(val_batch[0])[0], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(scaled(x)[0], model(x)[0], rtol=1e-4, atol=1e-4)
+    # Arbitrary positive scales in place of the search's (shared across the query heads of a kv head
+    # for wo, as the search shares them): every fold target changes, the function does not.
+    gen = torch.Generator().manual_seed(0)
+
+    def random_scales(weights, x, G, grid=20, share=None):
+        if share is None:
+            return torch.rand(x.shape[1], generator=gen) + 0.5, 0.5, []
+        nkv, g, hs = share
+        return (torch.rand(nkv, 1, hs, generator=gen) + 0.5).expand(nkv, g, hs).reshape(-1), 0.5, []
+
+    monkeypatch.setattr(quant, "awq_search", random_scales)
+    scaled, _ = quant.apply_awq(model, calib, G=32, grid=4)
+    for i in range(model.cfg.n_layer):
+        before, after = awq_fold_targets(model, i), awq_fold_targets(scaled, i)
+        assert not any(torch.equal(after[group], t) for group, t in before.items()), i
+    with torch.no_grad():
+        torch.testing.assert_close(scaled(x)[0], model(x)[0], rtol=1e-4, atol=1e-4)
 
 
 def test_awq_search_no_worse_than_rtn_on_calibration(trained, calib):
