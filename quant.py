@@ -6,13 +6,13 @@ A quantizer replaces a float weight matrix by small integers (or tiny floats) pl
 map them back. Every format below is a pure pair `quantize_X(w) -> dict of packed tensors` /
 `dequantize_X(q, shape) -> w_hat`, with its exact byte layout written above it; bits per weight are
 *counted from those bytes*, never assumed. A `QuantLinear` holds the packed tensors as buffers and
-dequantizes on the fly; `quantize_model` swaps the nn.Linears of a gpt.py model; `export_gguf` writes
-a GGUF file in llama.cpp's llama layout (checked with the gguf package's reader, not yet with llama.cpp).
+dequantizes on the fly; `quantize_model` swaps the nn.Linears of a gpt.py model. Writing the Q8_0 /
+Q4_0 / Q4_1 blocks into a llama.cpp GGUF file (which llama.cpp loads and runs) is pretrained.py's job.
 
 References
 - LLM.int8(): Dettmers et al. 2022, arXiv:2208.07339 (absmax int8, section 3.1; outliers, section 3.2).
 - SpQR: Dettmers et al. 2023, arXiv:2306.03078 (keep a small set of salient weights in high precision).
-- GGML / llama.cpp: ggml-quants.c, quantize_row_q8_0_ref, quantize_row_q4_0_ref,
+- GGML / llama.cpp: ggml-quants.c, quantize_row_q8_0_ref, quantize_row_q4_0_ref, quantize_row_q4_1_ref,
   quantize_row_mxfp4_ref (the "reference implementation for deterministic creation of model files").
 - OCP Microscaling Formats (MX) v1.0 spec, 2023: MXFP4 = 32 FP4 E2M1 elements + one E8M0 scale
   (section 5.3: shared exponent = floor(log2(amax)) - emax_elem, emax_elem = 2 for E2M1). gpt-oss ships in it.
@@ -23,21 +23,21 @@ References
   (the QuantLinear + swap pattern).
 
 Run it
-    python quant.py                        # train a small gpt.py model (or reuse it), quantize it 13 ways
+    python quant.py                        # train a small gpt.py model (or reuse it), quantize it 14 ways
     python quant.py --ckpt=out/ckpt.pt     # quantize a checkpoint written by `python gpt.py`
-    python quant.py --gguf=out/model-q4_0.gguf --gguf_dtype=Q4_0   # also write a llama.cpp file
+    python pretrained.py export --ckpt=out/quant/ckpt.pt --dtype=Q4_0   # a llama.cpp file of it
+    python pretrained.py quant             # this table on a real model, SmolLM2-135M
 
-Not covered: GPTQ / error-feedback rounding (Hessian-aware), k-quants and i-quants (Q4_K, IQ2...),
-quantized KV caches, quantization-aware training, int4/FP8 matmul on the CPU (the PyTorch path
-dequantizes, then multiplies; on CUDA, QuantLinear.forward dispatches int8 and int4 to kernels.cu's
-fused dequantize-matmul when the extension is built).
+Not covered: GPTQ / error-feedback rounding (Hessian-aware), k-quants and i-quants (Q4_K, IQ2...;
+pretrained.py dequantizes Q4_K/Q5_K/Q6_K), quantized KV caches, quantization-aware training, int4/FP8
+matmul on the CPU (the PyTorch path dequantizes, then multiplies; on CUDA, QuantLinear.forward
+dispatches int8 and int4 to kernels.cu's fused dequantize-matmul when the extension is built).
 """
 
 from __future__ import annotations
 
 import copy
 import math
-import struct
 import sys
 import time
 from dataclasses import dataclass
@@ -76,8 +76,6 @@ class QuantConfig:
     awq_grid: int = 20  # alpha in {0, 1/grid, ..., 1} (AWQ section 3.2 uses a grid of 20)
     outlier_frac: float = 0.005  # int8_outlier: fraction of each matrix's weights kept in fp16
     decode_tokens: int = 128  # greedy tokens generated to time decoding
-    gguf: str = ""  # also export the fp32 model to this .gguf path ("" = skip)
-    gguf_dtype: str = "Q8_0"  # F16 | Q8_0 | Q4_0
     seed: int = 1337
 
 
@@ -239,6 +237,37 @@ def dequantize_q4_0(q: dict, shape: tuple[int, int]) -> torch.Tensor:
     b = q["blocks"]  # (nb, 18)
     d = b[:, :2].contiguous().view(torch.float16).float()  # (nb, 1)
     return ((unpack_halves(b[:, 2:]).float() - 8) * d).view(shape)  # (N, K)
+
+
+# GGML Q4_1 (block_q4_1): 32 weights -> 20 bytes, asymmetric (a scale *and* an offset per block)
+#   bytes 0-1: d, fp16, d = (max - min) / 15
+#   bytes 2-3: m, fp16, m = min (the block's smallest weight, with its sign)
+#   bytes 4-19: qs[16], q = min(15, (int8)((x - min) / d + 0.5)), GGML nibble order (weight j low,
+#               weight j+16 high nibble of byte j); w_hat = q * d + m
+# The 16 codes span [min, max] exactly instead of [-amax, amax]: a block that is all positive (or
+# offset from 0) wastes no codes, at the price of one more fp16 per block. (x - min)/d >= 0, so the
+# (int8) cast of x + 0.5 is round-half-up. Quantization uses the fp32 d and min; the stored fp16
+# values are what dequantization sees. bits/weight = 20 * 8 / 32 = 5.  Byte-identical to
+# quantize_row_q4_1_ref (and to the gguf package). SmolLM2-135M-Instruct's GGUF is mostly Q4_1.
+
+
+def quantize_q4_1(w: torch.Tensor) -> dict[str, torch.Tensor]:
+    _check_finite(w, "Q4_1")
+    x = _blocks(w, 32, "Q4_1")  # (nb, 32)
+    lo, hi = x.amin(dim=1, keepdim=True), x.amax(dim=1, keepdim=True)  # (nb, 1) each
+    d = (hi - lo) / 15  # fp32, as in the C code: (max - min) / ((1 << 4) - 1)
+    _check_fp16_scale(d, "Q4_1")
+    _check_fp16_scale(lo, "Q4_1")  # the offset is stored in fp16 too
+    inv = torch.where(d != 0, 1.0 / d, torch.zeros_like(d))  # id = d ? 1/d : 0
+    q = torch.clamp(((x - lo) * inv + 0.5).trunc(), max=15).to(torch.uint8)  # (nb, 32)
+    return dict(blocks=torch.cat([_fp16_bytes(d), _fp16_bytes(lo), pack_halves(q)], dim=1))  # (nb, 20)
+
+
+def dequantize_q4_1(q: dict, shape: tuple[int, int]) -> torch.Tensor:
+    b = q["blocks"]  # (nb, 20)
+    d = b[:, 0:2].contiguous().view(torch.float16).float()  # (nb, 1)
+    m = b[:, 2:4].contiguous().view(torch.float16).float()  # (nb, 1)
+    return (unpack_halves(b[:, 4:]).float() * d + m).view(shape)  # (N, K)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -418,6 +447,7 @@ SCHEMES: dict[str, tuple] = {
     "q8_0": (quantize_q8_0, dequantize_q8_0),
     "fp8": (quantize_fp8, dequantize_fp8),
     "q4_0": (quantize_q4_0, dequantize_q4_0),
+    "q4_1": (quantize_q4_1, dequantize_q4_1),
     "mxfp4": (quantize_mxfp4, dequantize_mxfp4),
     "nf4": (quantize_nf4, dequantize_nf4),
     **{f"int4_g{G}": (lambda w, G=G: quantize_int4(w, G), dequantize_int4) for G in (32, 64, 128)},
@@ -439,7 +469,8 @@ def layout_bits(scheme: str, N: int, K: int, outlier_frac: float = 0.005) -> int
         ng = N * cdiv(K, G)  # groups, over the zero-padded (N, Kp)
         return 4 * ng * G + 16 * ng + 8 * cdiv(ng, 2)  # codes + fp16 scales + 4-bit zero points
     return {"int8": 8 * n + 32 * N, "int8_outlier": 8 * n + 32 * N + 48 * round(outlier_frac * n),
-            "q8_0": n // 32 * 34 * 8, "q4_0": n // 32 * 18 * 8, "mxfp4": n // 32 * 17 * 8,
+            "q8_0": n // 32 * 34 * 8, "q4_0": n // 32 * 18 * 8, "q4_1": n // 32 * 20 * 8,
+            "mxfp4": n // 32 * 17 * 8,
             "nf4": 4 * n + 8 * cdiv(n, 64) + 32 * cdiv(cdiv(n, 64), 256) + 32,
             "fp8": 8 * n + 32 * cdiv(N, 128) * cdiv(K, 128)}[scheme]
 
@@ -629,138 +660,6 @@ def apply_awq(model: gpt.GPT, calib: torch.Tensor, G: int, grid: int = 20) -> tu
 
 
 # -----------------------------------------------------------------------------------------------
-# GGUF export (GGUF v3, written by hand: header, metadata key/values, tensor infos, aligned data)
-# All integers little-endian. A string is a uint64 length + UTF-8 bytes. A tensor's dims are listed
-# innermost first (ne0 = in_features), its data offset is relative to the 32-byte aligned data section.
-# Names and keys follow llama.cpp's llama architecture; gpt.py's parameter names map one-to-one
-# (see the comment above RMSNorm in gpt.py). RoPE already rotates adjacent pairs, as GGML's normal
-# mode does, so wq/wk need no permutation. A tied head is simply absent: llama.cpp then reads
-# token_embd as the output matrix.
-
-GGUF_MAGIC, GGUF_VERSION, GGUF_ALIGN = b"GGUF", 3, 32
-GGML_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q8_0": 8}  # ggml_type ids
-_U32, _I32, _F32, _BOOL, _STR, _ARR, _U64 = 4, 5, 6, 7, 8, 9, 10  # gguf_type ids
-GGUF_NAMES = {"tok_embeddings": "token_embd", "norm": "output_norm", "output": "output",
-              "attention.wq": "attn_q", "attention.wk": "attn_k", "attention.wv": "attn_v",
-              "attention.wo": "attn_output", "attention_norm": "attn_norm", "ffn_norm": "ffn_norm",
-              "feed_forward.w1": "ffn_gate", "feed_forward.w2": "ffn_down", "feed_forward.w3": "ffn_up"}
-
-
-def gguf_tensor_name(name: str) -> str:
-    """gpt.py parameter name -> GGUF tensor name, e.g. layers.0.attention.wq.weight -> blk.0.attn_q.weight."""
-    base = name.removesuffix(".weight")
-    if base.startswith("layers."):
-        _, i, rest = base.split(".", 2)
-        return f"blk.{i}.{GGUF_NAMES[rest]}.weight"
-    return f"{GGUF_NAMES[base]}.weight"
-
-
-def _gguf_str(s: str) -> bytes:
-    b = s.encode("utf-8")
-    return struct.pack("<Q", len(b)) + b
-
-
-def _gguf_kv(key: str, value) -> bytes:
-    """One metadata pair; the Python type picks the GGUF type (int -> uint32, np.int32 -> int32,
-    float -> float32, str -> string, list -> array of its first element's type)."""
-    def typed(v):
-        if isinstance(v, np.int32):  # llama.cpp reads token types as int32
-            return _I32, struct.pack("<i", int(v))
-        if isinstance(v, bool):
-            return _BOOL, struct.pack("<?", v)
-        if isinstance(v, int):
-            return (_U32, struct.pack("<I", v)) if v >= 0 else (_I32, struct.pack("<i", v))
-        if isinstance(v, float):
-            return _F32, struct.pack("<f", v)
-        if isinstance(v, str):
-            return _STR, _gguf_str(v)
-        raise TypeError(f"gguf: no type for {v!r}")
-    if isinstance(value, list):
-        t = typed(value[0])[0]
-        body = struct.pack("<IQ", t, len(value)) + b"".join(typed(v)[1] for v in value)
-        return _gguf_str(key) + struct.pack("<I", _ARR) + body
-    t, body = typed(value)
-    return _gguf_str(key) + struct.pack("<I", t) + body
-
-
-def gguf_tokenizer(enc) -> dict:
-    """tokenizer.ggml.* for gpt.py's (trimmed) GPT-2 BPE: tokens in GPT-2's byte-to-unicode alphabet
-    (as in vocab.json), the merges that build each kept token from its two parents, in rank order."""
-    b2u = gpt._bytes_to_unicode()
-    _, parents = gpt._read_gpt2_files()
-    uni = lambda b: "".join(b2u[c] for c in b)  # noqa: E731
-    tokens, types, merges = [], [], []
-    for i in range(enc.n_vocab):
-        if i == enc.eot_token:
-            tokens.append(gpt.EOT)
-            types.append(3)  # CONTROL
-            continue
-        t = enc.decode_single_token_bytes(i)
-        tokens.append(uni(t))
-        types.append(1)  # NORMAL
-        if len(t) > 1:  # ids are in rank order, so merges come out in merge-priority order
-            a, b = parents[t]
-            merges.append(f"{uni(a)} {uni(b)}")
-    return {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "gpt-2", "tokenizer.ggml.tokens": tokens,
-            "tokenizer.ggml.token_type": [np.int32(t) for t in types], "tokenizer.ggml.merges": merges,
-            "tokenizer.ggml.bos_token_id": enc.eot_token, "tokenizer.ggml.eos_token_id": enc.eot_token}
-
-
-def gguf_tensor_bytes(w: torch.Tensor, dtype: str) -> bytes:
-    """Raw GGML bytes of a tensor: 1-D tensors (norm gains) are always F32, as llama.cpp expects."""
-    if w.dim() == 1 or dtype == "F32":
-        return w.float().contiguous().numpy().tobytes()
-    if dtype == "F16":
-        return w.half().contiguous().numpy().tobytes()
-    q = quantize_q8_0(w) if dtype == "Q8_0" else quantize_q4_0(w)
-    return q["blocks"].numpy().tobytes()
-
-
-def export_gguf(model: gpt.GPT, tokenizer, path: str | Path, dtype: str = "F16") -> int:
-    """Write a llama-architecture GGUF file of a gpt.py model; returns its size in bytes."""
-    cfg = model.cfg
-    if dtype not in ("F16", "Q8_0", "Q4_0", "F32"):
-        raise ValueError(f"export_gguf: dtype must be F16, Q8_0 or Q4_0, not {dtype!r}")
-    if (cfg.norm, cfg.pos_emb, cfg.mlp, cfg.bias) != ("rmsnorm", "rope", "swiglu", False) or \
-            cfg.window or cfg.sinks or cfg.qk_norm or cfg.attn_soft_cap:
-        raise ValueError("export_gguf writes llama.cpp's llama architecture: it needs the llama preset "
-                         "(RMSNorm, RoPE, SwiGLU, no bias, no window/sinks/qk_norm/soft-cap)")
-    if any(isinstance(m, QuantLinear) for m in model.modules()):
-        raise ValueError("export_gguf takes the float model; it quantizes to `dtype` itself")
-    meta = {
-        "general.architecture": "llama", "general.name": "llm-stack gpt.py", "general.alignment": GGUF_ALIGN,
-        "general.file_type": {"F32": 0, "F16": 1, "Q4_0": 2, "Q8_0": 7}[dtype],  # llama_ftype
-        "llama.context_length": cfg.block_size, "llama.embedding_length": cfg.n_embd,
-        "llama.block_count": cfg.n_layer, "llama.feed_forward_length": cfg.hidden_size,
-        "llama.attention.head_count": cfg.n_head, "llama.attention.head_count_kv": cfg.n_kv_head,
-        "llama.attention.layer_norm_rms_epsilon": float(cfg.norm_eps),
-        "llama.rope.freq_base": float(cfg.rope_theta), "llama.rope.dimension_count": cfg.head_size,
-        "llama.vocab_size": cfg.vocab_size,
-        **gguf_tokenizer(tokenizer),
-    }
-    tensors = []  # (gguf name, dims innermost first, ggml type, bytes)
-    for name, p in model.named_parameters():  # a tied head appears once, as tok_embeddings
-        p = p.detach().cpu()
-        t = "F32" if p.dim() == 1 else dtype
-        tensors.append((gguf_tensor_name(name), list(reversed(p.shape)), GGML_TYPES[t],
-                        gguf_tensor_bytes(p, t)))
-    head = GGUF_MAGIC + struct.pack("<IQQ", GGUF_VERSION, len(tensors), len(meta))
-    head += b"".join(_gguf_kv(k, v) for k, v in meta.items())
-    offset, infos = 0, []
-    for name, dims, typ, data in tensors:
-        infos.append(_gguf_str(name) + struct.pack("<I", len(dims)) + struct.pack(f"<{len(dims)}Q", *dims)
-                     + struct.pack("<IQ", typ, offset))
-        offset += len(data) + (-len(data) % GGUF_ALIGN)
-    head += b"".join(infos)
-    out = bytearray(head + b"\0" * (-len(head) % GGUF_ALIGN))
-    for _, _, _, data in tensors:
-        out += data + b"\0" * (-len(data) % GGUF_ALIGN)
-    path = Path(path)
-    gpt.atomic_write_bytes(path, bytes(out))
-    return len(out)
-
-
-# -----------------------------------------------------------------------------------------------
 # Demo: quantize a trained model every way, measure what it costs
 
 
@@ -826,32 +725,26 @@ def plot_ppl_vs_bits(rows: list[dict], base_ppl: float, path: Path) -> None:
 def parse_args(argv: list[str]) -> QuantConfig:
     return gpt.config_from_args(QuantConfig, argv)
 
-def main(argv: list[str]) -> None:
-    try:
-        qc = parse_args(argv)
-    except ValueError as e:
-        sys.exit(f"error: {e}")
-    torch.manual_seed(qc.seed)
-    model, enc = ensure_model(qc)
-    cfg = model.cfg
+def measure_schemes(model: gpt.GPT, val: np.ndarray, byte_lengths: np.ndarray, calib: torch.Tensor,
+                    prompt: list[int], qc: QuantConfig, block_size: int) -> tuple[dict, list[dict]]:
+    """Quantize `model` with each scheme of qc.schemes and measure what it costs: bits/weight counted
+    from the packed bytes (and checked against a file of them and the layout's arithmetic), validation
+    perplexity on the first qc.eval_tokens tokens of `val` in windows of `block_size`, decode speed
+    (qc.decode_tokens greedy tokens from `prompt`; 0 = skip). Returns (the float model's row, rows).
+    `python pretrained.py quant` calls it on a real model."""
     schemes = list(SCHEMES) if qc.schemes == "all" else qc.schemes.split(",")
-    val = gpt.load_tokens("valid", enc)
-    train_tokens = gpt.load_tokens("train", enc)
-    lengths = gpt.token_byte_lengths(enc)
-    evaluate = lambda m: gpt.evaluate(m, val, lengths, cfg.block_size, 8, qc.eval_tokens)  # noqa: E731
-    gen = torch.Generator().manual_seed(qc.seed)
-    calib_off = torch.randint(0, len(train_tokens) - cfg.block_size - 1, (qc.calib_seqs,), generator=gen)
-    calib, _ = gpt.get_batch(train_tokens, calib_off, cfg.block_size)  # (calib_seqs, T)
-    prompt = enc.encode_ordinary("Once upon a time")
-
+    evaluate = lambda m: gpt.evaluate(m, val, byte_lengths, block_size, 8, qc.eval_tokens)  # noqa: E731
+    speed = lambda m: decode_speed(m, prompt, qc.decode_tokens) if qc.decode_tokens else None  # noqa: E731
     base = evaluate(model)
     base_ppl = math.exp(base["loss"])
     tied = model.output.weight is model.tok_embeddings.weight
     n_lin = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear)
                 and not (tied and m is model.output))  # the weights quantize_model quantizes
-    base_tps = decode_speed(model, prompt, qc.decode_tokens)
-    print(f"\nfp32 model: val loss {base['loss']:.4f} (ppl {base_ppl:.3f}) on {base['tokens']:,} tokens; "
-          f"{n_lin:,} weights in quantizable linears, head tied to the fp32 embedding")
+    base_row = dict(scheme="fp32", bits=32, file=4 * n_lin, expect=4 * n_lin, bytes=model_bytes(model),
+                    loss=base["loss"], ppl=base_ppl, dppl=0.0, tps=speed(model), qtime=0.0)
+    print(f"\nfloat model: val loss {base['loss']:.4f} (ppl {base_ppl:.3f}) on {base['tokens']:,} tokens; "
+          f"{n_lin:,} weights in quantizable linears, head "
+          f"{'tied to the fp32 embedding' if tied else 'untied'}")
     rows = []
     for scheme in schemes:
         t0 = time.perf_counter()
@@ -871,22 +764,28 @@ def main(argv: list[str]) -> None:
         expect = sum(layout_bits(scheme, m.out_features, m.in_features, qc.outlier_frac) for m in ql) / 8
         rows.append(dict(scheme=scheme, bits=bits, file=f.stat().st_size, expect=expect,
                          bytes=model_bytes(qm), loss=ev["loss"], ppl=ppl, dppl=100 * (ppl / base_ppl - 1),
-                         tps=decode_speed(qm, prompt, qc.decode_tokens), qtime=qt))
+                         tps=speed(qm), qtime=qt))
         r = rows[-1]
-        print(f"{scheme:>13}: {bits:.3f} bits/weight, ppl {ppl:.3f} ({r['dppl']:+.2f}%), "
-              f"{r['tps']:.0f} tok/s, quantized in {qt:.1f}s", flush=True)
-        if scheme == "awq_g128":
+        tps = f"{r['tps']:.0f} tok/s, " if r["tps"] else ""
+        print(f"{scheme:>13}: {bits:.3f} bits/weight, ppl {ppl:.3f} ({r['dppl']:+.2f}%), {tps}"
+              f"quantized in {qt:.1f}s", flush=True)
+        if scheme.startswith("awq"):
             print("    alphas chosen:", " ".join(f"{k.removeprefix('layers.')}={v:.2f}"
                                               for k, v in qm.awq_alphas.items()))
-    fp32_bytes = model_bytes(model)
+    return base_row, rows
+
+
+def print_table(base: dict, rows: list[dict]) -> None:
+    """The markdown table of measure_schemes' rows, and AWQ vs RTN at each group size measured."""
     print("\n| scheme | bits/weight | linears file (bytes) | layout arithmetic (bytes) | model bytes | "
           "val loss | ppl | ppl change | decode tok/s |")
     print("|---|---|---|---|---|---|---|---|---|")
-    print(f"| fp32 | 32 | {4 * n_lin:,} | {4 * n_lin:,} | {fp32_bytes:,} | {base['loss']:.4f} | "
-          f"{base_ppl:.3f} | - | {base_tps:.0f} |")
-    for r in rows:
-        print(f"| {r['scheme']} | {r['bits']:.3f} | {r['file']:,} | {r['expect']:,.0f} | {r['bytes']:,} | "
-              f"{r['loss']:.4f} | {r['ppl']:.3f} | {r['dppl']:+.2f}% | {r['tps']:.0f} |")
+    for r in [base] + rows:
+        tps = f"{r['tps']:.0f}" if r["tps"] else "-"
+        change = "-" if r is base else f"{r['dppl']:+.2f}%"
+        bits = "32" if r is base else f"{r['bits']:.3f}"
+        print(f"| {r['scheme']} | {bits} | {r['file']:,} | {r['expect']:,.0f} | {r['bytes']:,} | "
+              f"{r['loss']:.4f} | {r['ppl']:.3f} | {change} | {tps} |")
     by = {r["scheme"]: r for r in rows}
     for G in (32, 64, 128):
         if f"awq_g{G}" in by and f"int4_g{G}" in by:
@@ -894,18 +793,27 @@ def main(argv: list[str]) -> None:
             verdict = "no worse" if a["ppl"] <= b["ppl"] else "WORSE"
             print(f"AWQ vs RTN at G={G}: ppl {a['ppl']:.3f} vs {b['ppl']:.3f} "
                   f"({100 * (a['ppl'] / b['ppl'] - 1):+.2f}%: {verdict})")
-    plot_ppl_vs_bits(rows, base_ppl, ROOT / "assets" / "quant_ppl_vs_bits.png")
+
+
+def main(argv: list[str]) -> None:
+    try:
+        qc = parse_args(argv)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    torch.manual_seed(qc.seed)
+    model, enc = ensure_model(qc)
+    cfg = model.cfg
+    val = gpt.load_tokens("valid", enc)
+    train_tokens = gpt.load_tokens("train", enc)
+    gen = torch.Generator().manual_seed(qc.seed)
+    calib_off = torch.randint(0, len(train_tokens) - cfg.block_size - 1, (qc.calib_seqs,), generator=gen)
+    calib, _ = gpt.get_batch(train_tokens, calib_off, cfg.block_size)  # (calib_seqs, T)
+    prompt = enc.encode_ordinary("Once upon a time")
+    base, rows = measure_schemes(model, val, gpt.token_byte_lengths(enc), calib, prompt, qc, cfg.block_size)
+    print_table(base, rows)
+    plot_ppl_vs_bits(rows, base["ppl"], ROOT / "assets" / "quant_ppl_vs_bits.png")
     print("saved assets/quant_ppl_vs_bits.png")
-    for dtype in ("F16", "Q8_0", "Q4_0"):  # GGUF sizes: tensor bytes from the formats + header
-        p = Path(qc.out_dir) / f"model-{dtype.lower()}.gguf"
-        size = export_gguf(model, enc, p, dtype)
-        bpw = {"F16": 16, "Q8_0": 8.5, "Q4_0": 4.5}[dtype]
-        w2d = sum(p_.numel() for p_ in model.parameters() if p_.dim() == 2)
-        w1d = sum(p_.numel() for p_ in model.parameters() if p_.dim() == 1)
-        print(f"GGUF {dtype}: {size:,} bytes; tensors by arithmetic {w2d * bpw / 8 + 4 * w1d:,.0f} "
-              f"(+ header/tokenizer/padding {size - (w2d * bpw / 8 + 4 * w1d):,.0f})")
-    if qc.gguf:
-        print(f"wrote {qc.gguf}: {export_gguf(model, enc, qc.gguf, qc.gguf_dtype):,} bytes")
+    print("(to write a llama.cpp file of this model: python pretrained.py export --ckpt=PATH --dtype=Q4_0)")
 
 
 if __name__ == "__main__":

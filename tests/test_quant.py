@@ -1,6 +1,6 @@
 """Tests for quant.py: every format against an independent reference (llama.cpp's C loops transcribed,
 the gguf package's NumPy quantizers, hand-computed blocks), error bounds, edge cases, QuantLinear,
-quantized models that still generate, AWQ, and GGUF files read back with gguf.GGUFReader."""
+quantized models that still generate, and AWQ (GGUF files: tests/test_pretrained.py)."""
 
 import ctypes
 import ctypes.util
@@ -22,7 +22,7 @@ from gguf.quants import dequantize as gguf_dequantize  # noqa: E402
 from gguf.quants import quantize as gguf_quantize  # noqa: E402
 
 FORMATS = [s for s in quant.SCHEMES if not s.startswith("awq")]
-GGML = {"q8_0": GT.Q8_0, "q4_0": GT.Q4_0, "mxfp4": GT.MXFP4}
+GGML = {"q8_0": GT.Q8_0, "q4_0": GT.Q4_0, "q4_1": GT.Q4_1, "mxfp4": GT.MXFP4}
 
 
 def roundtrip(scheme: str, w: torch.Tensor) -> torch.Tensor:
@@ -83,6 +83,28 @@ def c_quantize_row_q4_0(x: np.ndarray) -> bytes:
     return out
 
 
+def c_quantize_row_q4_1(x: np.ndarray) -> bytes:
+    out = b""
+    for blk in x.astype(np.float32).reshape(-1, 32):
+        mn, mx = np.float32(np.finfo(np.float32).max), np.float32(-np.finfo(np.float32).max)  # FLT_MAX
+        for v in blk:
+            if v < mn:
+                mn = v
+            if v > mx:
+                mx = v
+        d = np.float32((mx - mn) / np.float32(15))
+        id_ = np.float32(1) / d if d else np.float32(0)
+        qs = bytearray(16)
+        for j in range(16):
+            x0 = np.float32((blk[j] - mn) * id_)
+            x1 = np.float32((blk[16 + j] - mn) * id_)
+            xi0 = min(15, int(np.trunc(np.float32(x0 + np.float32(0.5)))))  # (int8_t) truncates
+            xi1 = min(15, int(np.trunc(np.float32(x1 + np.float32(0.5)))))
+            qs[j] = xi0 | (xi1 << 4)
+        out += np.float16(d).tobytes() + np.float16(mn).tobytes() + bytes(qs)
+    return out
+
+
 KVALUES_MXFP4 = [0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12]  # ggml-common.h, E2M1 * 2
 
 
@@ -128,7 +150,8 @@ def c_quantize_row_mxfp4(x: np.ndarray) -> bytes:
     return out
 
 
-C_REF = {"q8_0": c_quantize_row_q8_0, "q4_0": c_quantize_row_q4_0, "mxfp4": c_quantize_row_mxfp4}
+C_REF = {"q8_0": c_quantize_row_q8_0, "q4_0": c_quantize_row_q4_0, "q4_1": c_quantize_row_q4_1,
+         "mxfp4": c_quantize_row_mxfp4}
 
 
 def tricky_rows() -> torch.Tensor:
@@ -141,8 +164,9 @@ def tricky_rows() -> torch.Tensor:
         torch.zeros(32),
         torch.tensor([127.0, 2.5, -2.5, 0.5, -0.5, 1.5] + [0.0] * 26),
         torch.full((32,), -3.0),
+        torch.cat([torch.tensor([0.0, 15.0]), torch.arange(30).float() / 2]),  # Q4_1: d = 1, ties at .5
     ]
-    return torch.stack(rows)  # (6, 32)
+    return torch.stack(rows)  # (7, 32)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -198,6 +222,20 @@ def test_q4_0_hand_block():
     assert b[2:].tolist() == [a | (c << 4) for a, c in zip(q_lo, q_hi)]  # x[j] low, x[j+16] high nibble
     back = quant.dequantize_q4_0(dict(blocks=b[None]), (1, 32))[0]  # (q - 8) * d
     assert back[:8].tolist() == [8, -7, 0, -1, 7, 3, -7, 1] and back[16:19].tolist() == [7, 8, -1]
+
+
+def test_q4_1_hand_block():
+    lo = [-1.0, 14.0, -0.5, 0.5, 6.4, 6.6, 13.6, 2.0] + [-1.0] * 8
+    hi = [14.0, 0.0, 2.5] + [-1.0] * 13
+    x = torch.tensor(lo + hi)[None]  # min -1, max 14: d = 15 / 15 = 1, m = -1
+    b = quant.quantize_q4_1(x)["blocks"][0]
+    assert bytes(b[:4].tolist()) == b"\x00\x3c\x00\xbc"  # fp16 d = 1.0 (0x3C00), m = -1.0 (0xBC00)
+    # q = min(15, trunc(x - min + 0.5)): ties round up (-0.5 -> 0.5 -> 1, 0.5 -> 1.5 -> 2)
+    q_lo = [0, 15, 1, 2, 7, 8, 15, 3] + [0] * 8
+    q_hi = [15, 1, 4] + [0] * 13  # 2.5 -> 3.5 -> 4
+    assert b[4:].tolist() == [a | (c << 4) for a, c in zip(q_lo, q_hi)]
+    back = quant.dequantize_q4_1(dict(blocks=b[None]), (1, 32))[0]  # q * d + m
+    assert back[:8].tolist() == [-1, 14, 0, 1, 6, 7, 14, 2] and back[16:19].tolist() == [14, 0, 3]
 
 
 def test_mxfp4_hand_block():
@@ -339,6 +377,10 @@ def error_bound(scheme: str, w: torch.Tensor) -> torch.Tensor:
     if scheme == "q4_0":  # the opposite extreme clips from +8d to +7d: one full step
         d = w.reshape(-1, 32).abs().amax(1, keepdim=True) / 8
         return (d * (1 + 8 * 2.0 ** -11) + 1e-30).expand(-1, 32).reshape(N, K)
+    if scheme == "q4_1":  # half a step of (max - min) / 15, + the fp16 rounding of d (x |q| <= 15) and m
+        a = w.reshape(-1, 32)
+        lo, d = a.amin(1, keepdim=True), (a.amax(1, keepdim=True) - a.amin(1, keepdim=True)) / 15
+        return (d * (0.5 + 15 * 2.0 ** -11) + lo.abs() * 2.0 ** -11 + 1e-30).expand(-1, 32).reshape(N, K)
     if scheme == "mxfp4":  # half the E2M1 spacing at the value's magnitude; 6X..8X saturate (<= 2X)
         a = w.reshape(-1, 32)
         e = torch.log2(a.abs().amax(1, keepdim=True).double()).float().floor()  # floorf(log2f(amax))
@@ -405,7 +447,8 @@ def test_tiny_values_stay_finite_and_small(scheme):
 @pytest.mark.parametrize("scheme", FORMATS)
 def test_huge_values(scheme):
     w = weights(5, 32, 128, scale=1e5)  # amax ~ 2e6: x/127 fits fp16, x/15 or x/8 does not
-    fp16_limited = {"q4_0", "int4_g32", "int4_g64", "int4_g128", "int8_outlier"}  # fp16 scale or values
+    # fp16 scale or values
+    fp16_limited = {"q4_0", "q4_1", "int4_g32", "int4_g64", "int4_g128", "int8_outlier"}
     if scheme in fp16_limited:
         with pytest.raises(ValueError, match="overflows the fp16 scale/value field"):
             quant.SCHEMES[scheme][0](w)
@@ -437,7 +480,7 @@ def test_bits_per_weight_match_layout(N, K):
     ceil = lambda a, b: -(-a // b)  # noqa: E731
     expect = {
         "int8": 8 + 32 / K, "int8_outlier": 8 + 32 / K + 48 * round(0.005 * n) / n, "q8_0": 8.5,
-        "q4_0": 4.5, "mxfp4": 4.25,
+        "q4_0": 4.5, "q4_1": 5.0, "mxfp4": 4.25,
         "nf4": (4 * n + 8 * ceil(n, 64) + 32 * ceil(ceil(n, 64), 256) + 32) / n,
         "fp8": 8 + 32 * ceil(N, 128) * ceil(K, 128) / n,
         # codes over the padded (N, Kp) + fp16 scales + 4-bit zero points (padded to whole bytes)
@@ -610,73 +653,3 @@ def test_awq_needs_llama_preset(calib):
     model = gpt.GPT(tiny_config(mlp="gelu"))
     with pytest.raises(ValueError, match="llama preset"):
         quant.apply_awq(model, calib, 32)
-
-
-# -----------------------------------------------------------------------------------------------
-# GGUF export, read back with the gguf package
-
-
-def field(reader, key):
-    return reader.fields[key].contents()
-
-
-@pytest.mark.parametrize("dtype", ["F16", "Q8_0", "Q4_0"])
-def test_gguf_roundtrip(trained, tmp_path, dtype):
-    model, enc = trained
-    cfg = model.cfg
-    path = tmp_path / f"m-{dtype}.gguf"
-    size = quant.export_gguf(model, enc, path, dtype)
-    assert size == path.stat().st_size
-    r = gguf.GGUFReader(path)
-    # metadata, with the key names taken from the gguf package's constants
-    K = gguf.Keys
-    assert field(r, K.General.ARCHITECTURE) == "llama"
-    for key, want in [(K.LLM.CONTEXT_LENGTH, cfg.block_size), (K.LLM.EMBEDDING_LENGTH, cfg.n_embd),
-                      (K.LLM.BLOCK_COUNT, cfg.n_layer), (K.LLM.FEED_FORWARD_LENGTH, cfg.hidden_size),
-                      (K.Attention.HEAD_COUNT, cfg.n_head), (K.Attention.HEAD_COUNT_KV, cfg.n_kv_head),
-                      (K.Rope.DIMENSION_COUNT, cfg.head_size)]:
-        assert field(r, key.format(arch="llama")) == want, key
-    assert field(r, K.Attention.LAYERNORM_RMS_EPS.format(arch="llama")) == pytest.approx(cfg.norm_eps)
-    assert field(r, K.Rope.FREQ_BASE.format(arch="llama")) == cfg.rope_theta
-    # tokenizer
-    assert field(r, K.Tokenizer.MODEL) == "gpt2"
-    tokens = field(r, K.Tokenizer.LIST)
-    assert len(tokens) == enc.n_vocab and tokens[enc.eot_token] == gpt.EOT
-    b2u = gpt._bytes_to_unicode()
-    assert tokens[enc.encode_ordinary(" Once")[0]] == "".join(b2u[c] for c in b" Once")
-    assert field(r, K.Tokenizer.TOKEN_TYPE)[enc.eot_token] == 3  # CONTROL
-    assert r.fields[K.Tokenizer.TOKEN_TYPE].types == [gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.INT32]
-    assert field(r, K.Tokenizer.PRE) == "gpt-2"
-    merges = field(r, K.Tokenizer.MERGES)
-    assert len(merges) == enc.n_vocab - 1 - 256  # one merge per kept non-byte token
-    assert field(r, K.Tokenizer.EOS_ID) == field(r, K.Tokenizer.BOS_ID) == enc.eot_token
-    # tensors: llama.cpp's names for the llama architecture, shapes, and the exact bytes
-    arch = gguf.MODEL_ARCH.LLAMA
-    allowed = {gguf.TENSOR_NAMES[t].format(bid=i) + ".weight" for t in gguf.MODEL_TENSORS[arch]
-               for i in range(cfg.n_layer)}
-    params = {quant.gguf_tensor_name(n): p.detach() for n, p in model.named_parameters()}
-    assert {t.name for t in r.tensors} == set(params) and set(params) <= allowed
-    assert "output.weight" not in params  # tied: llama.cpp reuses token_embd
-    for t in r.tensors:
-        p = params[t.name]
-        assert list(t.shape) == list(reversed(p.shape))
-        if p.dim() == 1:
-            assert t.tensor_type == GT.F32 and np.array_equal(t.data, p.numpy())
-        elif dtype == "F16":
-            assert t.tensor_type == GT.F16 and np.array_equal(t.data, p.half().numpy())
-        else:
-            qt = getattr(GT, dtype)
-            assert t.tensor_type == qt
-            assert t.data.tobytes() == gguf_quantize(p.numpy(), qt).tobytes()
-            back = gguf_dequantize(t.data, qt).reshape(p.shape)
-            assert np.abs(back - p.numpy()).max() <= p.abs().max().item() / (8 if dtype == "Q4_0" else 100)
-    # the file is exactly its parts: tensor bytes at the layout's bits/weight + header, aligned
-    bpw = {"F16": 16, "Q8_0": 8.5, "Q4_0": 4.5}[dtype]
-    tensor_bytes = sum(p.numel() * (4 if p.dim() == 1 else bpw / 8) for p in params.values())
-    assert tensor_bytes <= size <= tensor_bytes + r.tensors[0].data_offset + 32 * len(params)
-
-
-def test_gguf_rejects_other_presets(tmp_path, tokenizer):
-    model = gpt.GPT(tiny_config(norm="layernorm", pos_emb="learned", mlp="gelu", bias=True))
-    with pytest.raises(ValueError, match="llama preset"):
-        quant.export_gguf(model, tokenizer[0], tmp_path / "x.gguf")
