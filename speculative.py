@@ -446,6 +446,15 @@ def load_mtp(path: Path | str) -> tuple[MTPGPT, object]:
     return model.eval(), gpt.tokenizer_from_ranks(state["tokenizer"]["kept_gpt2_ranks"])
 
 
+class FrozenMTP(nn.Module):
+    """A trained gpt.GPT (`main`, frozen) with D MTP modules trained on top of it (train_mtp_frozen):
+    the same .main / .mtp an MTPGPT has, for drafting and evaluation."""
+
+    def __init__(self, main: gpt.GPT, mtp: nn.ModuleList):
+        super().__init__()
+        self.main, self.mtp, self.cfg = main, mtp, main.cfg
+
+
 class MTPDrafter:
     """Self-speculation: the target's own MTP modules draft up to D tokens per round.
 
@@ -520,8 +529,25 @@ def mtp_propose_reference(model: gpt.GPT, modules: nn.ModuleList, seq: list[int]
 # so torch.compile traces the one-token step once and fuses its small ops; no Python per op remains.
 
 
+def decoding_cache(attention: nn.Module, cfg: gpt.GPTConfig, max_len: int, spare: int, w: torch.Tensor):
+    """The cache an attention layer makes for decoding (gpt.py's layer slot: attention.make_cache), for
+    one sequence on w's device and dtype. Speculative decoding must roll it back (truncate), and a
+    sliding-window ring needs `spare` extra slots for that, which make_cache does not take: then the
+    standard gpt.KVCache is built with them."""
+    cache = attention.make_cache(1, max_len, w.device, w.dtype)
+    if not callable(getattr(cache, "truncate", None)):
+        raise ValueError(f"speculative decoding rolls caches back, but {type(cache).__name__} (the cache of "
+                         f"{type(attention).__name__}) has no truncate(n)")
+    if spare and getattr(cache, "window", 0):
+        if type(cache) is not gpt.KVCache:
+            raise ValueError(f"{type(cache).__name__} has no spare ring slots for chunks and rollbacks under "
+                             "a sliding window: use window=0 for speculative decoding")
+        cache = gpt.KVCache(cfg, 1, max_len, w.device, w.dtype, spare=spare)
+    return cache
+
+
 class EagerRunner:
-    """A gpt.GPT and its gpt.KVCache (spare ring slots for chunks and rollbacks under a window)."""
+    """A gpt.GPT and its decoding cache (spare ring slots for chunks and rollbacks under a window)."""
 
     def __init__(self, model: gpt.GPT, max_len: int, spare: int = 0, want_hidden: bool = False):
         self.model, self.want_hidden = model.eval(), want_hidden
@@ -531,8 +557,9 @@ class EagerRunner:
         self.reset()
 
     def reset(self) -> None:
-        w = self.model.tok_embeddings.weight
-        self.cache = gpt.KVCache(self.model.cfg, 1, self.max_len, w.device, w.dtype, spare=self.spare)
+        m = self.model
+        self.cache = decoding_cache(m.layers[0].attention, m.cfg, self.max_len, self.spare,
+                                    m.tok_embeddings.weight)
 
     @property
     def pos(self) -> int:
@@ -557,7 +584,7 @@ class EagerRunner:
 
 
 class MTPRunner:
-    """One MTP module with its own gpt.KVCache (eager): feed(h^{k-1} (T, C), tokens t_{i+k})."""
+    """One MTP module with its own decoding cache (eager): feed(h^{k-1} (T, C), tokens t_{i+k})."""
 
     def __init__(self, model: gpt.GPT, module: MTPModule, max_len: int, spare: int,
                  subset: Optional[torch.Tensor] = None):
@@ -566,8 +593,8 @@ class MTPRunner:
         self.reset()
 
     def reset(self) -> None:
-        w = self.model.tok_embeddings.weight
-        self.cache = gpt.KVCache(self.cfg1, 1, self.max_len, w.device, w.dtype, spare=self.spare)
+        self.cache = decoding_cache(self.module.block.attention, self.cfg1, self.max_len, self.spare,
+                                    self.model.tok_embeddings.weight)
 
     @property
     def pos(self) -> int:
@@ -661,6 +688,9 @@ class StaticRunner:
 
     def __init__(self, model: gpt.GPT, max_len: int, compile: bool = False, want_hidden: bool = False):
         cfg = model.cfg
+        if cfg.attention != "gqa":
+            raise ValueError(f"the static decoder re-implements gpt.py's gqa attention, not "
+                             f"attention={cfg.attention!r}: use EagerRunner")
         if cfg.pos_emb == "learned" and max_len > cfg.block_size:
             raise ValueError(f"learned positions stop at block_size={cfg.block_size}, asked for {max_len}")
         self.model, self.want_hidden = model.eval(), want_hidden
@@ -762,7 +792,8 @@ def train_or_load(name: str, cfg: gpt.GPTConfig, tc: gpt.TrainConfig, mtp: bool 
         state = gpt.read_checkpoint(path)
         same_tc = all(state["train_config"].get(f.name) == getattr(tc, f.name) for f in dataclasses.fields(tc)
                       if f.name not in gpt.RUN_ONLY_FIELDS)
-        if state["iter"] == tc.max_iters and state["model_config"] == dataclasses.asdict(cfg) and same_tc:
+        saved = {**dataclasses.asdict(type(cfg)()), **state["model_config"]}  # fields added since: defaults
+        if state["iter"] == tc.max_iters and saved == dataclasses.asdict(cfg) and same_tc:
             model = load_mtp(path)[0] if mtp else gpt.load_model(path)[0]
             final = next(h for h in reversed(state["history"]) if h.get("whole_split"))
             log(f"{name}: reusing {path} (val loss {final['val_loss']:.4f})")
@@ -775,15 +806,17 @@ def train_or_load(name: str, cfg: gpt.GPTConfig, tc: gpt.TrainConfig, mtp: bool 
 
 
 @torch.no_grad()
-def mtp_val_losses(model: MTPGPT, tokens: np.ndarray, n_windows: int = 16) -> dict:
-    """Each MTP depth's loss on the first n_windows windows of `tokens` (the same ones every time)."""
+def mtp_val_losses(model: MTPGPT | FrozenMTP, tokens: np.ndarray, n_windows: int = 16, T: int = 0,
+                   subset: Optional[torch.Tensor] = None) -> dict:
+    """Each MTP depth's loss on the first n_windows windows of T tokens (0: block_size) of `tokens` (the
+    same ones every time), the softmax over `subset` if given (see mtp_losses)."""
     was = model.training
     model.eval()
-    T = model.cfg.block_size
+    T = T or model.cfg.block_size
     x = torch.from_numpy(tokens[:n_windows * T].astype(np.int64)).view(n_windows, T)
     y = torch.from_numpy(tokens[1:n_windows * T + 1].astype(np.int64)).view(n_windows, T)
     _, _, h = forward_hidden(model.main, x)
-    losses = mtp_losses(model.main, model.mtp, h, x, y)
+    losses = mtp_losses(model.main, model.mtp, h, x, y, subset)
     model.train(was)
     return {f"mtp{k}_loss": float(l) for k, l in enumerate(losses, start=1)}
 
@@ -920,8 +953,10 @@ class DemoConfig:
     target_embd: int = 192  # its width C
     draft_layers: int = 1  # the draft: one layer, trained on the same data
     draft_embd: int = 128  # its width C
-    n_mtp: int = 2  # D: MTP modules of the MTP model (trained jointly, same steps and data as the target)
-    mtp_lambda: float = 0.3  # lambda of DeepSeek-V3 eq. 25
+    n_mtp: int = 2  # D: MTP modules (the MTP pair drafts 1..D tokens per round)
+    toy_mtp: str = "frozen"  # toy: frozen = modules trained on top of the trained target (see frozen_*) |
+    #                          joint = a second target trained with MTP from scratch (same steps and data)
+    mtp_lambda: float = 0.3  # joint: lambda of DeepSeek-V3 eq. 25
     iters: int = 300  # training steps of the target and of the MTP model
     draft_iters: int = 300  # training steps of the draft
     lr: float = 6e-3  # peak learning rate of all three (gpt.py's default)
@@ -937,10 +972,10 @@ class DemoConfig:
     repeats: int = 1  # timed passes over the prompts
     decode_threads: int = 1  # torch threads while decoding (batch-1 decoding of small models: 1 is fastest)
     num_threads: int = 0  # torch threads while training; 0 = torch's default
-    smollm2_steps: int = 200  # smollm2: MTP training steps on the frozen model's cached hidden states
-    smollm2_windows: int = 96  # smollm2: TinyStories train windows whose hidden states are cached
-    smollm2_block: int = 128  # smollm2: tokens per window
-    smollm2_lr: float = 3e-3  # smollm2: peak learning rate of the MTP modules
+    frozen_steps: int = 200  # MTP on a frozen model: training steps on its cached hidden states
+    frozen_windows: int = 96  # MTP on a frozen model: train windows whose hidden states are cached
+    frozen_block: int = 128  # MTP on a frozen model: tokens per window
+    frozen_lr: float = 3e-3  # MTP on a frozen model: peak learning rate of the modules
     smollm2_draft_vocab: int = 4096  # smollm2: the MTP modules train and draft over this many frequent tokens
     seed: int = 1337  # training seed; prompt i is sampled with seed + i by every method
     plot: str = "auto"  # auto: assets/speculative.png for the default run, out_dir/speculative.png otherwise
@@ -958,6 +993,11 @@ class DemoConfig:
             raise ValueError("temperature is the sampled runs' (greedy runs always happen): use > 0")
         if self.pair not in ("toy", "smollm2"):
             raise ValueError(f"pair must be toy or smollm2, not {self.pair!r}")
+        if self.toy_mtp not in ("frozen", "joint"):
+            raise ValueError(f"toy_mtp must be frozen or joint, not {self.toy_mtp!r}")
+        for name in ("frozen_steps", "frozen_windows", "frozen_block"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
     @property
     def gamma_list(self) -> list[int]:
@@ -968,23 +1008,28 @@ class DemoConfig:
 
 
 def demo_models(dc: DemoConfig, log=print) -> dict:
-    """Train (or reuse) the target, the MTP model (same recipe + MTP) and the draft."""
+    """Train (or reuse) the target, the draft and the target's MTP modules: trained on top of the frozen
+    target (toy_mtp=frozen), or a second target trained jointly with them (joint, same recipe + MTP)."""
     base = dict(n_layer=dc.target_layers, n_embd=dc.target_embd)
     tc = gpt.TrainConfig(max_iters=dc.iters, warmup_iters=max(1, dc.iters // 10), lr=dc.lr,
                          eval_interval=10 ** 9, log_interval=50, ckpt_interval=10 ** 9, seed=dc.seed,
                          num_threads=dc.num_threads)
     target_cfg = gpt.GPTConfig(**base)
-    mtp_cfg = MTPConfig(**base, n_mtp=dc.n_mtp, mtp_lambda=dc.mtp_lambda)
     draft_cfg = gpt.GPTConfig(n_layer=dc.draft_layers, n_embd=dc.draft_embd)
     out = Path(dc.out_dir)
     run = lambda name, **kw: dataclasses.replace(tc, out_dir=str(out / name), **kw)  # noqa: E731
     target, f_t = train_or_load("target", target_cfg, run("target"), log=log)
-    enc = gpt.build_tokenizer(target_cfg.vocab_size)[0]
-    val = gpt.load_tokens("valid", enc)
-    probe = lambda model, it: mtp_val_losses(model, val)  # noqa: E731
-    mtp, f_m = train_or_load("MTP model", mtp_cfg, run("mtp"), mtp=True, probe=probe, log=log)
     draft, f_d = train_or_load("draft", draft_cfg, run("draft", max_iters=dc.draft_iters,
                                                        warmup_iters=max(1, dc.draft_iters // 10)), log=log)
+    enc = gpt.build_tokenizer(target_cfg.vocab_size)[0]
+    val = gpt.load_tokens("valid", enc)
+    if dc.toy_mtp == "joint":
+        mtp_cfg = MTPConfig(**base, n_mtp=dc.n_mtp, mtp_lambda=dc.mtp_lambda)
+        probe = lambda model, it: mtp_val_losses(model, val)  # noqa: E731
+        mtp, f_m = train_or_load("MTP model", mtp_cfg, run("mtp"), mtp=True, probe=probe, log=log)
+    else:  # the softmax over all V: V is small here, and the depth losses compare with joint training's
+        mtp = frozen_mtp(target, gpt.load_tokens("train", enc), None, dc, out / "mtp_frozen.pt", log)
+        f_m = dict(f_t, **mtp_val_losses(mtp, val))  # the main model is the target itself
     return dict(target=target, mtp=mtp, draft=draft, enc=enc, finals=dict(target=f_t, mtp=f_m, draft=f_d))
 
 
@@ -1019,6 +1064,8 @@ def speculative_runs(dc: DemoConfig, m: dict, prompts: list[list[int]], subset: 
     gen = lambda i: torch.Generator().manual_seed(dc.seed + i)  # noqa: E731
     methods = {}
     targets = {"mtp": mtp.main} if draft is None else {"target": target, "mtp": mtp.main}
+    if target is mtp.main:  # frozen MTP modules: both pairs speed up the same model, one baseline
+        del targets["mtp"]
     if engine == "eager":
         tT = EagerRunner(target, S, G) if draft is not None else None
         tM = EagerRunner(mtp.main, S, G, want_hidden=True)
@@ -1033,7 +1080,7 @@ def speculative_runs(dc: DemoConfig, m: dict, prompts: list[list[int]], subset: 
         dd = ModelDrafter(StaticRunner(draft, S, compile=True), subset) if draft is not None else None
         md = MTPDrafter(mtp.main, mtp.mtp, S, subset=subset, compile=True)
         for name, r in (("target", tT), ("mtp", tM)):
-            if r is not None:
+            if name in targets:
                 methods[f"{name}/plain"] = lambda i, r=r: (
                     plain_generate(r, prompts[i], N, *samp, generator=gen(i)), {})
     for g in gammas:
@@ -1060,7 +1107,8 @@ def summarize(runs: dict, alphas: dict, mode_t: float, engine: str, dc: DemoConf
         if g == "plain":
             continue
         g = int(g)
-        base = runs["target/plain" if pair == "draft" else "mtp/plain"]  # the same target, decoded plainly
+        own = "target/plain" if pair == "draft" else "mtp/plain"
+        base = runs[own if own in runs else "target/plain"]  # the same target, decoded plainly
         st = r["stats"]
         step = base["wall"] / base["tokens"]  # one plain target step, s
         c = st["draft_s"] / max(1, st["drafted"]) / step
@@ -1125,6 +1173,30 @@ def plot_demo(rows: list[dict], path: Path, dc: DemoConfig) -> None:
     gpt.save_figure(fig, path)
 
 
+def frozen_mtp(model: gpt.GPT, train_tok: np.ndarray, subset: Optional[torch.Tensor], dc: DemoConfig,
+               path: Path, log=print) -> FrozenMTP:
+    """D MTP modules trained on top of the frozen model from its cached hidden states (train_mtp_frozen),
+    the softmax over `subset`; reused from `path` when trained with the same settings."""
+    key = dict(n_mtp=dc.n_mtp, steps=dc.frozen_steps, windows=dc.frozen_windows, block=dc.frozen_block,
+               lr=dc.frozen_lr, subset=None if subset is None else len(subset), seed=dc.seed)
+    torch.manual_seed(dc.seed)
+    modules = mtp_modules(model.cfg, dc.n_mtp)
+    state = torch.load(path, weights_only=True) if path.exists() else {}
+    if state.get("key") == key:
+        modules.load_state_dict(state["modules"])
+        log(f"MTP modules: reusing {path}")
+    else:
+        log(f"MTP modules: training {dc.n_mtp} on the frozen model, {dc.frozen_steps} steps over the hidden "
+            f"states of {dc.frozen_windows} x {dc.frozen_block} train tokens -> {path}")
+        t0 = time.time()
+        history = train_mtp_frozen(model, modules, train_tok, dc.frozen_steps, dc.frozen_windows,
+                                   dc.frozen_block, lr=dc.frozen_lr, seed=dc.seed, subset=subset, log=log)
+        log(f"MTP modules: training took {time.time() - t0:.0f} s")
+        with gpt.atomic_path(path) as tmp:
+            torch.save(dict(key=key, modules=modules.state_dict(), history=history), tmp)
+    return FrozenMTP(model, modules.eval().requires_grad_(False))
+
+
 def smollm2_models(dc: DemoConfig, log=print) -> dict:
     """SmolLM2-135M-Instruct (pretrained.py) as the target, and D MTP modules trained on top of it, frozen,
     from its cached hidden states on TinyStories (cached in out_dir/smollm2/mtp.pt)."""
@@ -1133,37 +1205,21 @@ def smollm2_models(dc: DemoConfig, log=print) -> dict:
     except ImportError as e:
         raise RuntimeError("--pair=smollm2 needs pretrained.py (the GGUF loader of SmolLM2)") from e
     context = dc.prompt_tokens + dc.max_new_tokens + 2 * dc.n_mtp + 8
-    model, enc, _ = pretrained.load(context=max(context, dc.smollm2_block + 1))
+    model, enc, _ = pretrained.load(context=max(context, dc.frozen_block + 1))
     model.eval().requires_grad_(False)
     V = model.cfg.vocab_size
     train_tok = pretrained.validation_tokens(enc, V, "train")
     subset, cover = frequent_tokens(train_tok, dc.smollm2_draft_vocab, V)
-    key = dict(n_mtp=dc.n_mtp, steps=dc.smollm2_steps, windows=dc.smollm2_windows, block=dc.smollm2_block,
-               lr=dc.smollm2_lr, draft_vocab=dc.smollm2_draft_vocab, seed=dc.seed)
-    path = Path(dc.out_dir) / "smollm2" / "mtp.pt"
-    torch.manual_seed(dc.seed)
-    modules = mtp_modules(model.cfg, dc.n_mtp)
-    state = torch.load(path, weights_only=True) if path.exists() else {}
-    if state.get("key") == key:
-        modules.load_state_dict(state["modules"])
-        history = state["history"]
-        log(f"smollm2: reusing the MTP modules in {path}")
-    else:
-        log(f"smollm2: training {dc.n_mtp} MTP module(s) on the frozen model, {dc.smollm2_steps} steps over "
-            f"the hidden states of {dc.smollm2_windows} x {dc.smollm2_block} tokens, softmax over the "
-            f"{len(subset)} most frequent tokens ({cover:.1%} of the text)")
-        t0 = time.time()
-        history = train_mtp_frozen(model, modules, train_tok, dc.smollm2_steps, dc.smollm2_windows,
-                                   dc.smollm2_block, lr=dc.smollm2_lr, seed=dc.seed, subset=subset, log=log)
-        log(f"smollm2: MTP training took {time.time() - t0:.0f} s")
-        with gpt.atomic_path(path) as tmp:
-            torch.save(dict(key=key, modules=modules.state_dict(), history=history), tmp)
-    modules.eval().requires_grad_(False)
-    holder = nn.Module()  # the MTP pair wants .main and .mtp, as an MTPGPT has
-    holder.main, holder.mtp = model, modules
-    return dict(target=None, mtp=holder, draft=None, enc=enc, train_tok=train_tok,
-                val_tok=pretrained.validation_tokens(enc, V, "valid"), subset=subset, cover=cover,
-                ref_models={"SmolLM2-135M-Instruct": model}, mtp_history=history)
+    print(f"SmolLM2-135M-Instruct: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
+          f"{model.cfg.n_layer} layers, C={model.cfg.n_embd}, V={V}; the MTP modules score the "
+          f"{len(subset)} most frequent train tokens ({cover:.1%} of the text)")
+    mtp = frozen_mtp(model, train_tok, subset, dc, Path(dc.out_dir) / "smollm2" / "mtp.pt", log)
+    val_tok = pretrained.validation_tokens(enc, V, "valid")
+    losses = mtp_val_losses(mtp, val_tok, 8, dc.frozen_block, subset)
+    print(f"MTP depth losses (first 8 x {dc.frozen_block} val tokens, softmax over the subset): "
+          + ", ".join(f"{v:.3f}" for v in losses.values()) + "\n")
+    return dict(target=None, mtp=mtp, draft=None, enc=enc, train_tok=train_tok, val_tok=val_tok,
+                subset=subset, cover=cover, ref_models={"SmolLM2-135M-Instruct": model})
 
 
 def toy_models(dc: DemoConfig) -> dict:
@@ -1171,15 +1227,20 @@ def toy_models(dc: DemoConfig) -> dict:
     m = demo_models(dc)
     enc, finals = m["enc"], m["finals"]
     ft, fm = finals["target"], finals["mtp"]
+    mtp_name = ("MTP model (main + modules), trained jointly" if dc.toy_mtp == "joint"
+                else "MTP modules on the frozen target")
+    mtp_params = m["mtp"].parameters() if dc.toy_mtp == "joint" else m["mtp"].mtp.parameters()
     print("\n| model | params | val loss (whole split) | MTP depth losses (first 16 val windows) |")
     print("|---|---|---|---|")
-    for name, model, f in (("target", m["target"], ft), ("MTP model (main + modules)", m["mtp"], fm),
-                           ("draft", m["draft"], finals["draft"])):
+    for name, params, f in (("target", m["target"].parameters(), ft), (mtp_name, mtp_params, fm),
+                            ("draft", m["draft"].parameters(), finals["draft"])):
         depths = ", ".join(f"{f[k]:.3f}" for k in sorted(f) if k.startswith("mtp")) or "-"
-        n = sum(p.numel() for p in model.parameters())
-        print(f"| {name} | {n / 1e6:.2f}M | {f['val_loss']:.4f} | {depths} |")
-    print(f"MTP's effect on the main next-token loss: {100 * (fm['val_loss'] / ft['val_loss'] - 1):+.2f}% "
-          f"(lambda={dc.mtp_lambda}, D={dc.n_mtp})\n")
+        print(f"| {name} | {sum(p.numel() for p in params) / 1e6:.2f}M | {f['val_loss']:.4f} | {depths} |")
+    if dc.toy_mtp == "joint":
+        change = 100 * (fm["val_loss"] / ft["val_loss"] - 1)
+        print(f"MTP's effect on the main next-token loss: {change:+.2f}% "
+              f"(lambda={dc.mtp_lambda}, D={dc.n_mtp})")
+    print()
     m["train_tok"], m["val_tok"] = gpt.load_tokens("train", enc), gpt.load_tokens("valid", enc)
     m["subset"], m["cover"] = (frequent_tokens(m["train_tok"], dc.draft_vocab, enc.n_vocab) if dc.draft_vocab
                                else (None, 1.0))
@@ -1219,11 +1280,14 @@ def measure(dc: DemoConfig, m: dict) -> dict:
         print(f"\ndrafts score the {len(subset)} most frequent train tokens ({m['cover']:.1%} of the train "
               "text)")
     pairs = ([("draft", m["target"])] if m["draft"] is not None else []) + [("mtp", m["mtp"].main)]
-    alphas = {}
+    alphas, continuations = {}, {}
     for t in (0.0, dc.temperature):
         for pair, tm in pairs:
-            gen = torch.Generator().manual_seed(dc.seed)
-            texts = [p + gpt.generate(tm, p, N, 1, t, dc.top_k, dc.top_p, generator=gen)[0] for p in prompts]
+            if (id(tm), t) not in continuations:  # both pairs may share their target (frozen MTP modules)
+                gen = torch.Generator().manual_seed(dc.seed)
+                continuations[id(tm), t] = [p + gpt.generate(tm, p, N, 1, t, dc.top_k, dc.top_p,
+                                                             generator=gen)[0] for p in prompts]
+            texts = continuations[id(tm), t]
             alphas[(pair, t)] = acceptance_rates(
                 tm, texts, dc.prompt_tokens, t, dc.top_k, dc.top_p, subset=subset,
                 draft=m["draft"] if pair == "draft" else None, mtp=m["mtp"].mtp if pair == "mtp" else None)
