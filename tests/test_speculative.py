@@ -442,3 +442,22 @@ def test_bad_input_gets_clear_errors():
     with pytest.raises(ValueError, match="static cache"):
         S.StaticRunner(target, 8).feed(list(range(9)))
     assert math.isfinite(S.expected_speedup(0.99, 3, 0.1))
+
+
+def test_decoding_cache_comes_from_the_attention_layer():
+    """Runners take the cache the attention layer makes (gpt.py's layer slot); a window gets spare slots;
+    a cache that cannot roll back is refused."""
+    model = tiny_model(0, window=4)
+    w = model.tok_embeddings.weight
+    cache = S.decoding_cache(model.layers[0].attention, model.cfg, 64, 3, w)
+    assert type(cache) is gpt.KVCache and cache.spare == 3 and cache.size == 4 + 3 and cache.k.dtype == w.dtype
+    assert S.decoding_cache(model.layers[0].attention, model.cfg, 64, 0, w).spare == 0
+
+    class NoRollback(torch.nn.Module):  # a plug-in layer whose cache only grows
+        def make_cache(self, batch_size, max_len, device=None, dtype=torch.float32):
+            return object()
+
+    with pytest.raises(ValueError, match="truncate"):
+        S.decoding_cache(NoRollback(), model.cfg, 64, 0, w)
+    with pytest.raises(ValueError, match="toy_mtp"):
+        S.DemoConfig(toy_mtp="both")
