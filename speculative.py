@@ -27,8 +27,10 @@ References
   the same): the draft's output layer is most of its cost, and the rule stays exact for any draft.
 
 Run it
-    python speculative.py                    # toy target / draft / MTP pairs: train, measure, plot (~15 min)
+    python speculative.py                    # toy target / draft / MTP pairs: train, measure, plot
     python speculative.py --gammas=1,2,4 --n_prompts=4 --compile=false   # a quicker look
+    python speculative.py --pair=smollm2 --max_new_tokens=48 --frozen_steps=150   # SmolLM2-135M, MTP draft
+    python speculative.py --toy_mtp=joint    # the toy MTP modules trained jointly with a second target
     python speculative.py --help             # every option
 
 Not covered: tree drafts (SpecInfer, Medusa, EAGLE-2), batched speculative decoding (each row accepts a
@@ -960,7 +962,7 @@ class DemoConfig:
     iters: int = 300  # training steps of the target and of the MTP model
     draft_iters: int = 300  # training steps of the draft
     lr: float = 6e-3  # peak learning rate of all three (gpt.py's default)
-    n_prompts: int = 8  # story openings from the validation split
+    n_prompts: int = 4  # story openings from the validation split
     prompt_tokens: int = 16  # each prompt: a story's first tokens
     max_new_tokens: int = 128  # tokens each method generates per prompt (no stop at <|endoftext|>)
     gammas: str = "1,2,3,4,6"  # draft lengths of the draft pair (the MTP pair uses 1..n_mtp)
