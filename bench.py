@@ -1,16 +1,24 @@
 """
-bench.py - training throughput of gpt.py's configurations, measured side by side in one run, and
-an equal-wall-clock race between the default (Llama-style) config and the nanoGPT-style preset.
+bench.py - training throughput of gpt.py's configurations, measured side by side in one run, an
+equal-wall-clock race between the default (Llama-style) config and the nanoGPT-style preset, and the
+speedrun: the best model a fixed budget of training time can buy (records in docs/speedrun.md).
 
 Run it
     python bench.py                 # tokens/s (and MFU on GPU) as JSON lines, one per configuration
     python bench.py --race=300      # + train both configs for 300 s of compute each, plot val bits/byte
     python bench.py --n_layer=8 --batch_size=16   # any gpt.py flag changes the benchmarked model
+    python bench.py --speedrun=300  # one recipe (gpt.py's flags) for 300 s of training-step time
 
 Every line is a JSON object, so results can be collected with `python bench.py | jq`. The throughput
 of one configuration is the median over `--iters` timed training steps after `--warmup` untimed ones,
 on random windows of the bundled TinyStories. The race gives each config max_iters = budget / (its
 measured seconds per step), so both get the same compute time and a complete LR schedule.
+
+The speedrun counts its budget the same way: the recipe's seconds per step are measured first, then it
+trains for max_iters = budget / (s per step) steps with its whole LR schedule (warmup keeps its share
+of max_iters), and is scored on the *whole* validation split in bits per byte, which compares across
+tokenizers and model sizes. Evaluation is not counted in the budget. A loaded machine measures slower
+steps and so trains fewer of them: compare records made on one quiet machine.
 """
 
 from __future__ import annotations
@@ -34,10 +42,13 @@ class BenchOptions:
     iters: int = 10  # timed training steps per configuration (the median is reported)
     warmup: int = 3  # untimed steps before them
     race: float = 0.0  # seconds of training compute per config in the race; 0 = no race
+    speedrun: float = 0.0  # seconds of training-step time for one recipe (gpt.py's flags); 0 = off
 
     def __post_init__(self):
-        if self.iters < 1 or self.warmup < 0 or self.race < 0:
-            raise ValueError("iters must be >= 1, warmup and race >= 0")
+        if self.iters < 1 or self.warmup < 0 or self.race < 0 or self.speedrun < 0:
+            raise ValueError("iters must be >= 1; warmup, race and speedrun >= 0")
+        if self.race and self.speedrun:
+            raise ValueError("--race and --speedrun are separate runs: give one of them")
 
 
 def sync(device: torch.device) -> None:
@@ -46,33 +57,38 @@ def sync(device: torch.device) -> None:
 
 
 def throughput(cfg: gpt.GPTConfig, tc: gpt.TrainConfig, iters: int, warmup: int) -> dict:
-    """Median tokens/s of full training steps (forward, backward, clip, AdamW) of one config."""
+    """Median seconds and tokens/s of full optimizer steps (grad_accum forward/backward passes, clip,
+    the optimizer) of one config, with gpt.train's threads, dtype and optimizer."""
     _, _, device = gpt.setup_distributed(tc)
+    if tc.num_threads:
+        torch.set_num_threads(tc.num_threads)
     enc, _ = gpt.build_tokenizer(cfg.vocab_size)
     tokens = gpt.load_tokens("train", enc)
     torch.manual_seed(tc.seed)
     model = gpt.GPT(cfg).to(device)
-    opt = gpt.OPTIMIZERS[tc.optimizer](model, tc)
+    opt = gpt.plugin("optimizer", tc.optimizer)(model, tc)
     step_model = torch.compile(model) if tc.compile else model
     gen = torch.Generator().manual_seed(0)
-    use_bf16 = device.type == "cuda"
+    use_bf16 = tc.dtype == "bfloat16" or (tc.dtype == "auto" and device.type == "cuda")
     times = []
     for i in range(warmup + iters):
-        off = gpt.batch_offsets(gen, len(tokens), cfg.block_size, tc.batch_size, 1, 1, 0)[0]
-        x, y = (t.to(device) for t in gpt.get_batch(tokens, off, cfg.block_size))
+        offs = gpt.batch_offsets(gen, len(tokens), cfg.block_size, tc.batch_size, tc.grad_accum, 1, 0)
+        batches = [[t.to(device) for t in gpt.get_batch(tokens, o, cfg.block_size)] for o in offs]
         sync(device)
         t0 = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            _, loss = step_model(x, y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        for x, y in batches:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                _, loss = step_model(x, y)
+            (loss / tc.grad_accum).backward()
+        if tc.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
         sync(device)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     dt = statistics.median(times)
-    tok_s = tc.batch_size * cfg.block_size / dt
+    tok_s = tc.batch_size * tc.grad_accum * cfg.block_size / dt
     out = dict(params=model.num_params(), s_per_iter=round(dt, 4), tokens_per_s=round(tok_s),
                device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                threads=torch.get_num_threads())
@@ -109,6 +125,35 @@ def race(configs: dict[str, gpt.GPTConfig], speeds: dict[str, dict], tc: gpt.Tra
     print(f"plot: {plot}")
 
 
+def budget_iters(budget: float, s_per_iter: float) -> int:
+    """The steps that fit in `budget` seconds of training at `s_per_iter` (at least one)."""
+    return max(1, int(budget / s_per_iter))
+
+
+def speedrun(cfg: gpt.GPTConfig, speed: dict, tc: gpt.TrainConfig, budget: float, argv: list[str]) -> dict:
+    """Train one recipe for `budget` seconds of measured step time; score it on the whole val split.
+    Prints a JSON line (also appended, with the command line `argv`, to out_dir/speedrun/speedrun.jsonl)
+    and a few samples."""
+    iters = budget_iters(budget, speed["s_per_iter"])
+    warmup = round(iters * tc.warmup_iters / tc.max_iters)  # the recipe's warmup share of its schedule
+    run_tc = dataclasses.replace(tc, max_iters=iters, warmup_iters=warmup, stop_at=0,
+                                 eval_interval=max(1, iters // 8), ckpt_interval=iters,
+                                 log_interval=max(1, iters // 10), out_dir=f"{tc.out_dir}/speedrun")
+    res = gpt.train(cfg, run_tc)
+    f = res["final"]
+    row = dict(bench="speedrun", budget_s=budget, s_per_iter=speed["s_per_iter"], iters=iters,
+               warmup_iters=warmup, tokens=iters * tc.batch_size * tc.grad_accum * cfg.block_size,
+               seed=tc.seed, params=res["model"].num_params(), threads=speed["threads"],
+               val_loss=round(f["val_loss"], 4), val_bpb=round(f["val_bpb"], 4),
+               train_time_s=round(f["train_time"], 1), device=speed["device"])
+    print(json.dumps(row), flush=True)
+    with open(Path(run_tc.out_dir) / "speedrun.jsonl", "a") as fh:
+        fh.write(json.dumps(dict(row, argv=argv)) + "\n")
+    enc, _ = gpt.build_tokenizer(cfg.vocab_size)
+    gpt.print_samples(res["model"], enc, gpt.SampleConfig(num_samples=2))
+    return row
+
+
 def main(argv: list[str]) -> None:
     if gpt.wants_help(argv):
         print(gpt.help_text("bench.py", [("bench", BenchOptions), ("model", gpt.GPTConfig),
@@ -123,6 +168,11 @@ def main(argv: list[str]) -> None:
         nano_cfg, _, _, _ = gpt.parse_args(rest + ["--preset=nanogpt"])
     except ValueError as e:
         sys.exit(f"error: {e}")
+    if opts.speedrun:  # one recipe: time it, then train it for the budget
+        speed = throughput(base_cfg, tc, opts.iters, opts.warmup)
+        print(json.dumps(dict(bench="train_throughput", config="speedrun", **speed)), flush=True)
+        speedrun(base_cfg, speed, tc, opts.speedrun, argv)
+        return
     configs = {"default": base_cfg, "nanogpt": nano_cfg}
     for impl in sorted(set(gpt.ATTENTION) | set(gpt.PROVIDERS["attn_impl"])):  # every attention kernel
         if impl != base_cfg.attn_impl:

@@ -381,9 +381,11 @@ class Attention(nn.Module):
         self.record_max_logit = False  # when True, forward stores max_attention_logit in self.max_logit
         self.max_logit: Optional[torch.Tensor] = None
 
-    def make_cache(self, batch_size: int, max_len: int, device=None, dtype=torch.float32) -> KVCache:
-        """The empty cache that forward(x, rope, cache) fills: what a layer caches is its own business."""
-        return KVCache(self.cfg, batch_size, max_len, device, dtype)
+    def make_cache(self, batch_size: int, max_len: int, device=None, dtype=torch.float32,
+                   spare: int = 0) -> KVCache:
+        """The empty cache that forward(x, rope, cache) fills: what a layer caches is its own business.
+        `spare` extra ring slots let a sliding-window cache take chunks and roll back (see KVCache)."""
+        return KVCache(self.cfg, batch_size, max_len, device, dtype, spare)
 
     def forward(self, x, rope: Optional[tuple], cache: Optional[KVCache] = None):
         B, T, C = x.shape
@@ -441,7 +443,7 @@ class GeluMLP(nn.Module):
 MLPS: dict[str, Callable[[GPTConfig, int], nn.Module]] = {"swiglu": SwiGLU, "gelu": GeluMLP}
 
 # The attention-layer slot, the same way. ATTENTION_LAYERS[cfg.attention](cfg, layer) has
-# forward(x (B, T, C), rope, cache) -> (B, T, C) and make_cache(batch_size, max_len, device, dtype),
+# forward(x (B, T, C), rope, cache) -> (B, T, C) and make_cache(batch_size, max_len, device, dtype, spare),
 # the empty cache its forward fills while decoding (mla.py caches a latent vector instead of K and V).
 ATTENTION_LAYERS: dict[str, Callable[[GPTConfig, int], nn.Module]] = {"gqa": Attention}
 
