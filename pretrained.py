@@ -627,12 +627,12 @@ def stream(model: gpt.GPT, prompt: list[int], max_new_tokens: int, stop: set[int
     """gpt.generate's loop for one sequence, yielding each token as soon as it is drawn (so a chat can
     print while the model works). Stops before a `stop` id, after max_new_tokens, or when the KV cache
     (cfg.block_size positions) is full. Greedy output equals gpt.generate's (a test pins them)."""
-    cfg, w = model.cfg, model.tok_embeddings.weight
+    cfg, device = model.cfg, model.tok_embeddings.weight.device
     if not 0 < len(prompt) < cfg.block_size:
         raise ValueError(f"the prompt has {len(prompt)} tokens; it must be 1 to {cfg.block_size - 1} "
                          "(the context length)")
-    cache = gpt.KVCache(cfg, 1, cfg.block_size, w.device, w.dtype)
-    logits, _ = model(torch.tensor([prompt], device=w.device), cache=cache)  # prefill: (1, T, V)
+    cache = model.make_cache(1, cfg.block_size)  # the attention layers' own cache, model's device/dtype
+    logits, _ = model(torch.tensor([prompt], device=device), cache=cache)  # prefill: (1, T, V)
     for _ in range(max_new_tokens):
         nxt = gpt.sample_next(logits[:, -1], temperature, top_k, top_p, generator)  # (1,)
         if int(nxt) in stop:
@@ -902,10 +902,12 @@ def export_gguf(model: gpt.GPT, tokenizer: tiktoken.Encoding, path: str | Path, 
         if t not in EXPORT_TYPES:
             raise ValueError(f"export_gguf: {what} must be one of {', '.join(EXPORT_TYPES)}"
                              f"{' or same' if what == 'embed' else ''}, not {t!r}")
-    if (cfg.norm, cfg.pos_emb, cfg.mlp, cfg.bias) != ("rmsnorm", "rope", "swiglu", False) or \
+    layout = (cfg.norm, cfg.pos_emb, cfg.mlp, cfg.attention, cfg.bias, cfg.rope_dim == cfg.head_size)
+    if layout != ("rmsnorm", "rope", "swiglu", "gqa", False, True) or \
             cfg.window or cfg.sinks or cfg.qk_norm or cfg.attn_soft_cap:
         raise ValueError("export_gguf writes llama.cpp's llama architecture: it needs the llama preset "
-                         "(RMSNorm, RoPE, SwiGLU, no bias, no window/sinks/qk_norm/soft-cap)")
+                         "(RMSNorm, RoPE over the whole head, SwiGLU, GQA attention, no bias, no "
+                         "window/sinks/qk_norm/soft-cap)")
     if any(isinstance(m, quant.QuantLinear) for m in model.modules()):
         raise ValueError("export_gguf takes the float model; it quantizes to `dtype` itself")
     meta = {
@@ -1018,7 +1020,7 @@ def run_eval(ec: EvalConfig) -> dict:
 
     def prefill(m: nn.Module) -> float:
         x = torch.tensor([prompt])
-        fwd = (lambda: m(x, cache=gpt.KVCache(m.cfg, 1, m.cfg.block_size))) if isinstance(m, gpt.GPT) else \
+        fwd = (lambda: m(x, cache=m.make_cache(1, m.cfg.block_size))) if isinstance(m, gpt.GPT) else \
             (lambda: m(x, use_cache=True))
         fwd()  # warm-up
         return len(prompt) / best_time(fwd, 3)

