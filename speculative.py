@@ -531,20 +531,14 @@ def mtp_propose_reference(model: gpt.GPT, modules: nn.ModuleList, seq: list[int]
 # so torch.compile traces the one-token step once and fuses its small ops; no Python per op remains.
 
 
-def decoding_cache(attention: nn.Module, cfg: gpt.GPTConfig, max_len: int, spare: int, w: torch.Tensor):
+def decoding_cache(attention: nn.Module, max_len: int, spare: int, w: torch.Tensor):
     """The cache an attention layer makes for decoding (gpt.py's layer slot: attention.make_cache), for
-    one sequence on w's device and dtype. Speculative decoding must roll it back (truncate), and a
-    sliding-window ring needs `spare` extra slots for that, which make_cache does not take: then the
-    standard gpt.KVCache is built with them."""
-    cache = attention.make_cache(1, max_len, w.device, w.dtype)
+    one sequence on w's device and dtype, with `spare` ring slots so that a sliding-window cache can take
+    verify chunks and roll back. Speculative decoding needs truncate(n): a cache without it is refused."""
+    cache = attention.make_cache(1, max_len, w.device, w.dtype, spare=spare)
     if not callable(getattr(cache, "truncate", None)):
         raise ValueError(f"speculative decoding rolls caches back, but {type(cache).__name__} (the cache of "
                          f"{type(attention).__name__}) has no truncate(n)")
-    if spare and getattr(cache, "window", 0):
-        if type(cache) is not gpt.KVCache:
-            raise ValueError(f"{type(cache).__name__} has no spare ring slots for chunks and rollbacks under "
-                             "a sliding window: use window=0 for speculative decoding")
-        cache = gpt.KVCache(cfg, 1, max_len, w.device, w.dtype, spare=spare)
     return cache
 
 
@@ -560,8 +554,7 @@ class EagerRunner:
 
     def reset(self) -> None:
         m = self.model
-        self.cache = decoding_cache(m.layers[0].attention, m.cfg, self.max_len, self.spare,
-                                    m.tok_embeddings.weight)
+        self.cache = decoding_cache(m.layers[0].attention, self.max_len, self.spare, m.tok_embeddings.weight)
 
     @property
     def pos(self) -> int:
@@ -591,11 +584,11 @@ class MTPRunner:
     def __init__(self, model: gpt.GPT, module: MTPModule, max_len: int, spare: int,
                  subset: Optional[torch.Tensor] = None):
         self.model, self.module, self.subset = model, module, subset
-        self.cfg1, self.max_len, self.spare = dataclasses.replace(model.cfg, n_layer=1), max_len, spare
+        self.max_len, self.spare = max_len, spare
         self.reset()
 
     def reset(self) -> None:
-        self.cache = decoding_cache(self.module.block.attention, self.cfg1, self.max_len, self.spare,
+        self.cache = decoding_cache(self.module.block.attention, self.max_len, self.spare,
                                     self.model.tok_embeddings.weight)
 
     @property

@@ -445,19 +445,39 @@ def test_bad_input_gets_clear_errors():
 
 
 def test_decoding_cache_comes_from_the_attention_layer():
-    """Runners take the cache the attention layer makes (gpt.py's layer slot); a window gets spare slots;
-    a cache that cannot roll back is refused."""
+    """Runners take the cache the attention layer makes (gpt.py's layer slot), with spare ring slots
+    under a window; a cache that cannot roll back is refused."""
     model = tiny_model(0, window=4)
     w = model.tok_embeddings.weight
-    cache = S.decoding_cache(model.layers[0].attention, model.cfg, 64, 3, w)
-    assert type(cache) is gpt.KVCache and cache.spare == 3 and cache.size == 4 + 3 and cache.k.dtype == w.dtype
-    assert S.decoding_cache(model.layers[0].attention, model.cfg, 64, 0, w).spare == 0
+    cache = S.decoding_cache(model.layers[0].attention, 64, 3, w)
+    assert type(cache) is gpt.KVCache and cache.spare == 3 and cache.size == 4 + 3
+    assert cache.k.dtype == w.dtype
+    assert S.decoding_cache(model.layers[0].attention, 64, 0, w).spare == 0
 
     class NoRollback(torch.nn.Module):  # a plug-in layer whose cache only grows
-        def make_cache(self, batch_size, max_len, device=None, dtype=torch.float32):
+        def make_cache(self, batch_size, max_len, device=None, dtype=torch.float32, spare=0):
             return object()
 
     with pytest.raises(ValueError, match="truncate"):
-        S.decoding_cache(NoRollback(), model.cfg, 64, 0, w)
+        S.decoding_cache(NoRollback(), 64, 0, w)
     with pytest.raises(ValueError, match="toy_mtp"):
         S.DemoConfig(toy_mtp="both")
+
+
+@pytest.mark.parametrize("window", [0, 5])
+def test_greedy_speculative_with_an_mla_target(window):
+    """Any attention layer whose cache rolls back works as the target: MLA's latent cache (mla.py)."""
+    mla = pytest.importorskip("mla")
+    torch.manual_seed(0)
+    cfg = mla.MLAConfig(n_layer=2, n_head=4, n_embd=32, block_size=64, vocab_size=300, kv_lora_rank=16,
+                        qk_rope_head_dim=4, window=window, tie_embeddings=False)
+    target = gpt.GPT(cfg).double().eval()
+    for p in target.parameters():
+        p.data += 0.2 * torch.randn_like(p)
+    prompt = [5, 6, 7, 8]
+    ref = gpt.generate(target, prompt, 30, temperature=0)[0]
+    for draft in (tiny_model(1), target):
+        pair = S.EagerRunner(target, 64, 3), S.ModelDrafter(S.EagerRunner(draft, 64, 3))
+        out, st = S.speculative_generate(*pair, prompt, 30, 3, temperature=0)
+        assert out == ref and 0 < st["drafted"]
+    assert st["accepted"] == st["drafted"]  # the target drafting for itself
