@@ -28,7 +28,7 @@ References
 
 Run it
     python speculative.py                    # toy target / draft / MTP pairs: train, measure, plot
-    python speculative.py --gammas=1,2,4 --n_prompts=4 --compile=false   # a quicker look
+    python speculative.py --gammas=1,2,4 --n_prompts=2 --compile=false   # a quicker look
     python speculative.py --pair=smollm2 --max_new_tokens=48 --frozen_steps=150   # SmolLM2-135M, MTP draft
     python speculative.py --toy_mtp=joint    # the toy MTP modules trained jointly with a second target
     python speculative.py --help             # every option
@@ -939,10 +939,11 @@ def interleaved(methods: dict, n_prompts: int, repeats: int = 1) -> dict:
 
 @dataclass
 class DemoConfig:
-    """Toy pairs trained with gpt.py's loop, then every decoder measured on the same prompts and seeds."""
+    """The toy pairs (trained with gpt.py's loop) or SmolLM2 with its MTP modules, then every decoder
+    measured on the same prompts and seeds."""
 
-    pair: str = "toy"  # toy: target, 1-layer draft and MTP model trained here | smollm2: SmolLM2-135M-
-    #                    Instruct (pretrained.py) self-drafting with MTP modules trained on it, frozen
+    pair: str = "toy"  # toy: target, 1-layer draft and MTP modules trained here | smollm2: SmolLM2-135M-
+    #                    Instruct (pretrained.py) drafting for itself with MTP modules trained on it
     out_dir: str = "out/speculative"  # checkpoints (reused by later runs) and non-default plots
     target_layers: int = 6  # the target: gpt.py's model, deeper and wider than its default
     target_embd: int = 192  # its width C
@@ -952,7 +953,7 @@ class DemoConfig:
     toy_mtp: str = "frozen"  # toy: frozen = modules trained on top of the trained target (see frozen_*) |
     #                          joint = a second target trained with MTP from scratch (same steps and data)
     mtp_lambda: float = 0.3  # joint: lambda of DeepSeek-V3 eq. 25
-    iters: int = 300  # training steps of the target and of the MTP model
+    iters: int = 300  # training steps of the target (and of the joint MTP model)
     draft_iters: int = 300  # training steps of the draft
     lr: float = 6e-3  # peak learning rate of all three (gpt.py's default)
     n_prompts: int = 4  # story openings from the validation split
