@@ -49,8 +49,8 @@ setup(
     name="llm-stack",
     version="0.1.0",
     description="Minimal, commented PyTorch implementations of the 2025 LLM stack, trained on TinyStories",
-    py_modules=["gpt", "attention_flash", "moe", "muon", "quant", "dpo", "pretrained", "lora", "mla",
-                "bench", "grpo"],
+    py_modules=["gpt", "attention_flash", "moe", "muon", "quant", "dpo", "pretrained", "lora", "grpo",
+                "speculative", "mla", "bench"],
     python_requires=">=3.10",
     install_requires=["torch>=2.5", "numpy", "tiktoken>=0.7", "matplotlib"],
     # transformers, tokenizers, accelerate: independent oracles for pretrained.py's tests only
