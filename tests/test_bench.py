@@ -22,6 +22,7 @@ def test_bad_options(argv, msg):
         bench.main(argv)
 
 
+@pytest.mark.slow
 def test_tiny_speedrun_writes_its_record(tmp_path, capsys):
     bench.main(["--speedrun=0.5", f"--out_dir={tmp_path}", "--warmup_iters=10", "--max_iters=100"] + TINY)
     lines = [json.loads(s) for s in capsys.readouterr().out.splitlines() if s.startswith("{")]

@@ -403,6 +403,7 @@ def test_short_dpo_run_raises_heldout_margin(short_run, val_tokens):
     assert v1 < v0 * 1.05
 
 
+@pytest.mark.slow
 def test_ptx_mix_lowers_val_loss_and_probes_report(short_run, train_tokens, val_tokens):
     """The TinyStories NLL term (ptx_coef) pulls the val loss below plain DPO's, DPO still learns the
     preference, the NLL-only control trains the model too, and the probe runs every probe_every steps

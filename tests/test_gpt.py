@@ -415,6 +415,7 @@ def test_generate_stops_at_eot():
 # Training
 
 
+@pytest.mark.slow
 def test_training_lowers_val_loss_far_below_unigram(tmp_path, val_tokens, tokenizer):
     # the default model, 200 steps of 8 x 256 tokens (~100 s on 2 cores)
     tc = tiny_train_config(tmp_path, max_iters=200, batch_size=8, warmup_iters=40, lr=6e-3)
@@ -442,6 +443,7 @@ def test_bits_per_byte_is_nats_over_bytes(val_tokens, tokenizer):
     assert lengths[np.asarray(val_tokens, dtype=np.int64)].sum() == sum(len(s.encode()) + 1 for s in stories)
 
 
+@pytest.mark.slow
 def test_resume_gives_the_same_parameters(tmp_path):
     cfg = tiny_config()
     full = gpt.train(cfg, tiny_train_config(tmp_path / "a", max_iters=12, grad_accum=2), verbose=False)
@@ -454,6 +456,7 @@ def test_resume_gives_the_same_parameters(tmp_path):
     assert gpt.read_checkpoint(tmp_path / "b" / "ckpt.pt")["iter"] == 12
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_match_one(tmp_path):
     common = ["--n_layer=2", "--n_embd=64", "--n_head=4", "--block_size=64", "--max_iters=6",
               "--warmup_iters=2", "--eval_interval=1000", "--log_interval=3", "--num_threads=1"]
@@ -596,6 +599,7 @@ def _ckpt_dir(tmp_path):
     return cfg, tc
 
 
+@pytest.mark.slow
 def test_new_run_refuses_to_overwrite_a_checkpoint_and_resume_is_explicit(tmp_path, capsys):
     cfg, tc = _ckpt_dir(tmp_path / "a")
     before = (tmp_path / "a" / "ckpt.pt").read_bytes()
@@ -653,6 +657,7 @@ def test_plots_of_modified_runs_stay_out_of_assets(tmp_path):
     assert not gpt.is_default(gpt.TrainConfig(max_iters=10), gpt.RUN_ONLY_FIELDS)
 
 
+@pytest.mark.slow
 def test_cli_trains_then_samples_from_checkpoint(tmp_path):
     run = lambda *a: subprocess.run([sys.executable, str(ROOT / "gpt.py"), *a], capture_output=True,  # noqa: E731
                                     text=True, timeout=600)

@@ -49,6 +49,7 @@ def find_nvcc() -> str | None:
     return nvcc
 
 
+@pytest.mark.slow
 def test_kernels_cu_compiles_with_nvcc(tmp_path):
     nvcc = find_nvcc()
     if nvcc is None:

@@ -359,6 +359,7 @@ def test_config_errors(bad):
         layer_config(**bad)
 
 
+@pytest.mark.slow
 def test_short_tinystories_run_lowers_val_loss(tmp_path):
     kw = {**dataclasses.asdict(tiny_config()), "mlp": "moe", "n_experts": 8, "top_k": 2}
     cfg = moe.MoEConfig(**kw, bias_gamma=1e-2)
@@ -396,6 +397,7 @@ def test_backward_is_bit_reproducible():
             assert torch.equal(a, b), name
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_match_one(tmp_path):
     # each rank routes its own 2 windows; the aux-free bias update all-reduces the loads, so the
     # biases (buffers) and the weights must match one process on the same 4-window global batch

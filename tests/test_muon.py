@@ -364,6 +364,7 @@ def test_assign_owners_balances_cost():
     assert muon.assign_owners([5.0, 5.0], 1) == [0, 0]
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_match_one(tmp_path):
     # tau = 0.05 clips every head at every step, so the max must be all-reduced across ranks to agree
     common = ["--n_layer=2", "--n_embd=64", "--n_head=4", "--block_size=64", "--max_iters=7", "--stop_at=6",
