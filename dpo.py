@@ -823,8 +823,8 @@ def main(argv: list[str]) -> dict:
         probes = [h for h in r["history"] if "probe_acc" in h]
         if probes:
             print(f"\n{r['name']} during training: " + ", ".join(
-                f"step {h['step']} acc {h['probe_acc']:.3f} val {100 * (h['probe_val'] / base['val'] - 1):+.1f}%"
-                for h in probes))
+                f"step {h['step']} acc {h['probe_acc']:.3f} "
+                f"val {100 * (h['probe_val'] / base['val'] - 1):+.1f}%" for h in probes))
     print(f"\ntotal {time.time() - t0:.0f} s")
     for r in results:
         print(f"\n--- {r['name']}: a happy sample ---\n{r['gen']['example']}")
