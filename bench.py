@@ -145,7 +145,7 @@ def speedrun(cfg: gpt.GPTConfig, speed: dict, tc: gpt.TrainConfig, budget: float
                warmup_iters=warmup, tokens=iters * tc.batch_size * tc.grad_accum * cfg.block_size,
                seed=tc.seed, params=res["model"].num_params(), threads=speed["threads"],
                val_loss=round(f["val_loss"], 4), val_bpb=round(f["val_bpb"], 4),
-               train_time_s=round(f["train_time"], 1), device=speed["device"])
+               step_time_s=round(f["step_time"], 1), wall_s=round(f["train_time"], 1), device=speed["device"])
     print(json.dumps(row), flush=True)
     with open(Path(run_tc.out_dir) / "speedrun.jsonl", "a") as fh:
         fh.write(json.dumps(dict(row, argv=argv)) + "\n")
