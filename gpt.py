@@ -4,8 +4,8 @@ gpt.py - the spine of this repo: a small, modern (Llama-style) GPT trained on Ti
 A decoder-only transformer predicts the next token of a story. Everything it needs is in this one
 file, in reading order: the model (RMSNorm, RoPE, grouped-query attention, SwiGLU) and sampling from
 it with a KV cache; then the plumbing that feeds it: a byte-level BPE tokenizer (GPT-2's, trimmed to
-the tokens TinyStories uses) and the data pipeline; training (AdamW, warmup + cosine, accumulation,
-DDP) with evaluation in bits per byte; checkpoints; the command line.
+the tokens TinyStories uses) and the data pipeline; training (AdamW, warmup + cosine or WSD,
+accumulation, DDP) with evaluation in bits per byte; checkpoints; the command line.
 
 References
 - GPT-2: Radford et al. 2019, "Language Models are Unsupervised Multitask Learners" (BPE, init).
@@ -14,13 +14,16 @@ References
 - RoPE: Su et al. 2021, arXiv:2104.09864, eq. 34. SwiGLU: Shazeer 2020, arXiv:2002.05202.
 - TinyStories: Eldan & Li 2023, arXiv:2305.07759 (they kept the 10K most common GPT-Neo tokens).
 - Attention sinks: Xiao et al. 2023 (arXiv:2309.17453); as learned per-head logits in gpt-oss (2025).
-- QK-norm: Dehghani et al. 2023 (arXiv:2302.05442), OLMo 2, Qwen3. Logit soft-capping: Gemma 2.
+- QK-norm: Dehghani et al. 2023 (arXiv:2302.05442), OLMo 2, Qwen3. Soft-capping of attention scores
+  and output logits: Gemma 2 (arXiv:2408.00118, section 2). Squared ReLU: Primer, So et al. 2021
+  (arXiv:2109.08668). WSD schedule: MiniCPM, Hu et al. 2024 (arXiv:2404.06395).
 - z-loss: PaLM, Chowdhery et al. 2022 (arXiv:2204.02311) section 5.
 - Layout and training loop in the spirit of nanoGPT (Karpathy).
 
 Run it
     python gpt.py                                   # train the default tiny model (~5 min, 2 CPU cores)
     python gpt.py --preset=nanogpt                  # the GPT-2 / nanoGPT-style baseline
+    python gpt.py --preset=speedrun --max_iters=750 # bench.py's 300-second speedrun recipe (Muon, 4K vocab)
     python gpt.py --sample --ckpt=out/ckpt.pt --prompt="Once upon a time"
     torchrun --standalone --nproc_per_node=2 gpt.py # DDP (gloo on CPU, nccl on GPU)
 
@@ -84,7 +87,7 @@ class GPTConfig:
     norm_eps: float = 1e-5
     pos_emb: str = "rope"  # rope (relative, rotary) | learned (GPT-2 absolute positions)
     rope_theta: float = 10000.0  # RoPE base (Llama 1/2; Llama 3 uses 500000 for long contexts)
-    mlp: str = "swiglu"  # swiglu | gelu | anything registered in MLPS (moe.py adds its own)
+    mlp: str = "swiglu"  # swiglu | gelu | relu2 | anything registered in MLPS (moe.py adds its own)
     bias: bool = False  # biases in Linear and LayerNorm (GPT-2 had them, Llama dropped them)
     tie_embeddings: bool = True  # output head shares the token embedding matrix (GPT-2, Llama 3.2 1B)
     dropout: float = 0.0
@@ -94,8 +97,10 @@ class GPTConfig:
     sinks: bool = False  # learned per-head logit that joins the softmax denominator (gpt-oss)
     qk_norm: bool = False  # RMSNorm on each head's queries and keys before RoPE (OLMo 2, Qwen3)
     attn_soft_cap: float = 0.0  # scores -> cap * tanh(scores / cap) (Gemma 2 uses 50); 0 = off
+    logit_soft_cap: float = 0.0  # output logits -> cap * tanh(logits / cap) (Gemma 2: 30); 0 = off
     z_loss: float = 0.0  # coefficient of mean(logsumexp(logits)^2) (PaLM uses 1e-4); 0 = off
     init_std: float = 0.02  # GPT-2 init; residual output projections get / sqrt(2 * n_layer)
+    zero_init: bool = False  # residual output projections (wo, w2) start at zero (modded-nanogpt)
 
     def __post_init__(self):
         def need(ok: bool, msg: str):
@@ -117,7 +122,8 @@ class GPTConfig:
         need(self.pos_emb != "rope" or self.rope_dim % 2 == 0, "RoPE needs an even head size")
         need(self.window >= 0, f"window must be >= 0, got {self.window}")
         need(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
-        need(self.attn_soft_cap >= 0 and self.z_loss >= 0, "attn_soft_cap and z_loss must be >= 0")
+        need(self.attn_soft_cap >= 0 and self.logit_soft_cap >= 0 and self.z_loss >= 0,
+             "attn_soft_cap, logit_soft_cap and z_loss must be >= 0")
         need(not (self.attn_soft_cap and self.attn_impl == "sdpa"),
              "attn_soft_cap changes the scores inside the softmax, which SDPA cannot do: "
              "use --attn_impl=naive (or flash)")
@@ -137,19 +143,22 @@ class GPTConfig:
     def hidden_size(self) -> int:
         if self.mlp_hidden:
             return self.mlp_hidden
-        if self.mlp == "gelu":
+        if self.mlp in ("gelu", "relu2"):
             return 4 * self.n_embd
         # SwiGLU has three matrices instead of two, so Llama shrinks 4C to 2/3 * 4C = 8C/3 to keep
         # the parameter count of a 4C GELU MLP (Shazeer 2020, section 2), rounded up to a multiple of 32.
         return 32 * math.ceil(8 * self.n_embd / 3 / 32)
 
 
-# The nanoGPT / GPT-2 recipe, to compare against: LayerNorm with biases, learned absolute positions,
-# a GELU MLP, full multi-head attention and GPT-2's full 50,257-token vocabulary.
+# Presets: named sets of model and training fields, flags override them. nanogpt is the GPT-2 recipe to
+# compare against: LayerNorm with biases, learned absolute positions, a GELU MLP, full multi-head
+# attention and GPT-2's full 50,257-token vocabulary. speedrun is the best recipe bench.py's 300-second
+# track has found (docs/gpt.md, "The speedrun track"): Muon without QK-Clip, a 4,096-token vocabulary.
 PRESETS: dict[str, dict] = {
     "llama": {},
     "nanogpt": dict(norm="layernorm", pos_emb="learned", mlp="gelu", bias=True, vocab_size=50257,
                     n_kv_head=0),
+    "speedrun": dict(optimizer="muon", lr=1.2e-2, qk_clip_tau=0.0, vocab_size=4096),
 }
 
 
@@ -436,11 +445,21 @@ class GeluMLP(nn.Module):
         return self.dropout(self.w2(F.gelu(self.w1(x), approximate="tanh")))
 
 
+class ReluSquaredMLP(GeluMLP):
+    """w2(relu(w1 x)^2): Primer's squared ReLU (So et al. 2021, arXiv:2109.08668, section 3), the MLP of
+    modded-nanogpt's speedrun records. Two matrices like GELU's; the square keeps large activations
+    growing while zeroing the rest, an exactly sparse hidden layer."""
+
+    def forward(self, x):
+        return self.dropout(self.w2(F.relu(self.w1(x)).square()))
+
+
 # The MLP slot. A module built as MLPS[cfg.mlp](cfg, layer) maps (B, T, C) -> (B, T, C); `layer` lets
 # a factory vary by depth (DeepSeek-V3 keeps its first layers dense). If it sets a tensor
 # attribute `aux_loss` during forward (an MoE balancing loss), GPT.forward adds it to the loss; if it
 # has a method `after_optimizer_step()`, the training loop calls it after every step.
-MLPS: dict[str, Callable[[GPTConfig, int], nn.Module]] = {"swiglu": SwiGLU, "gelu": GeluMLP}
+MLPS: dict[str, Callable[[GPTConfig, int], nn.Module]] = {"swiglu": SwiGLU, "gelu": GeluMLP,
+                                                           "relu2": ReluSquaredMLP}
 
 # The attention-layer slot, the same way. ATTENTION_LAYERS[cfg.attention](cfg, layer) has
 # forward(x (B, T, C), rope, cache) -> (B, T, C) and make_cache(batch_size, max_len, device, dtype, spare),
@@ -484,7 +503,10 @@ class GPT(nn.Module):
             if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
                 # Each block adds two residual branches; scaling their last projection by
                 # 1/sqrt(2 * n_layer) keeps the residual stream's variance O(1) at init (GPT-2, 2.3).
-                nn.init.normal_(p, mean=0.0, std=cfg.init_std / math.sqrt(2 * cfg.n_layer))
+                # zero_init starts them at 0: every block begins as the identity and the first steps
+                # grow each branch from nothing (modded-nanogpt; Fixup / ReZero in spirit).
+                std = 0.0 if cfg.zero_init else cfg.init_std / math.sqrt(2 * cfg.n_layer)
+                nn.init.normal_(p, mean=0.0, std=std)
 
     def _init_weights(self, m):
         if isinstance(m, (nn.Linear, nn.Embedding)):
@@ -523,6 +545,8 @@ class GPT(nn.Module):
             x = block(x, rope, cache)
         x = self.norm(x)
         logits = self.output(x)  # (B, T, V)
+        if cfg.logit_soft_cap:  # a smooth clamp to (-cap, cap): no logit can run away (Gemma 2)
+            logits = cfg.logit_soft_cap * torch.tanh(logits / cfg.logit_soft_cap)
         if cache is not None:
             cache.pos += T
         if targets is None:
@@ -946,7 +970,9 @@ class TrainConfig:
     max_iters: int = 600  # optimizer steps (the LR schedule spans exactly these)
     warmup_iters: int = 60  # linear LR warmup
     lr: float = 6e-3  # peak learning rate (tiny models take high rates; ~3e-4 at GPT-2 small scale)
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio (Chinchilla, Llama)
+    min_lr_ratio: float = 0.1  # the schedule ends at lr * min_lr_ratio (Chinchilla, Llama)
+    schedule: str = "cosine"  # after warmup: cosine (GPT-3, Llama) | wsd (flat, then a linear cooldown)
+    cooldown_frac: float = 0.4  # wsd: the share of max_iters spent decaying (modded-nanogpt ~0.45)
     weight_decay: float = 0.1  # AdamW decoupled weight decay, on matrices only
     beta1: float = 0.9
     beta2: float = 0.95  # 0.95 rather than 0.999: steadier for transformers (GPT-3, Llama)
@@ -985,6 +1011,9 @@ class TrainConfig:
             raise ValueError("TrainConfig: min_lr_ratio must be in [0, 1], beta1 and beta2 in [0, 1)")
         if self.data not in ("sample", "full"):
             raise ValueError(f"TrainConfig: data must be sample or full, not {self.data!r}")
+        if self.schedule not in ("cosine", "wsd") or not 0 < self.cooldown_frac <= 1:
+            raise ValueError(f"TrainConfig: schedule must be cosine or wsd (got {self.schedule!r}) and "
+                             f"cooldown_frac in (0, 1] (got {self.cooldown_frac})")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"TrainConfig: dtype must be auto, float32 or bfloat16, not {self.dtype!r}")
 
@@ -1012,9 +1041,17 @@ OPTIMIZERS: dict[str, Callable[[nn.Module, TrainConfig], torch.optim.Optimizer]]
 
 
 def lr_factor(it: int, tc: TrainConfig) -> float:
-    """Linear warmup to 1, then cosine decay to min_lr_ratio at max_iters."""
+    """Linear warmup to 1, then decay to min_lr_ratio at max_iters: cosine, or WSD (warmup-stable-decay,
+    MiniCPM, Hu et al. 2024, arXiv:2404.06395): hold the peak, then fall linearly over the last
+    cooldown_frac of the run. WSD needs no fixed horizon until the cooldown starts, and at a short budget
+    it spends more steps at the peak rate (Haegele et al. 2024, arXiv:2405.18392, match cosine with a
+    ~20% cooldown)."""
     if it < tc.warmup_iters:
         return (it + 1) / tc.warmup_iters
+    if tc.schedule == "wsd":
+        cooldown = max(1, round(tc.cooldown_frac * tc.max_iters))
+        progress = min(1.0, max(0.0, (it - (tc.max_iters - cooldown)) / cooldown))  # 0 until the cooldown
+        return 1 - (1 - tc.min_lr_ratio) * progress
     progress = min(1.0, (it - tc.warmup_iters) / max(1, tc.max_iters - tc.warmup_iters))
     return tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
@@ -1487,9 +1524,17 @@ def config_from_args(cls: type, argv: list[str], doc: Optional[str] = None, prog
 
 def parse_args(argv: list[str]) -> tuple[GPTConfig, TrainConfig, SampleConfig, bool]:
     """gpt.py's command line: `--key=value` for any field of the model, training and sampling configs,
-    plus --preset=NAME and --sample. A plug-in named by --attn_impl / --mlp / --optimizer is imported,
-    and its options (CONFIG_CLASSES) become flags too: `--mlp=moe --n_experts=32`."""
-    names = {}
+    plus --preset=NAME (its values first, flags override them) and --sample. A plug-in named by
+    --attn_impl / --mlp / --optimizer is imported, and its options (CONFIG_CLASSES) become flags too:
+    `--mlp=moe --n_experts=32`."""
+    preset = "llama"
+    for arg in argv:
+        key, text = _split(arg) if arg.startswith("--") else ("", "")
+        if key == "preset":
+            if text not in PRESETS:
+                raise ValueError(f"--preset={text!r}: known presets are {sorted(PRESETS)}")
+            preset = text
+    names = {k: v for k, v in PRESETS[preset].items() if k in PROVIDERS}
     for arg in argv:
         key, text = _split(arg) if arg.startswith("--") else ("", "")
         if key in PROVIDERS:
@@ -1503,25 +1548,22 @@ def parse_args(argv: list[str]) -> tuple[GPTConfig, TrainConfig, SampleConfig, b
     kinds = {c: typing.get_type_hints(c) for c in (model_cls, train_cls, SampleConfig)}
     kinds = {c: {f.name: hints[f.name] for f in dataclasses.fields(c)} for c, hints in kinds.items()}
     values = {c: {} for c in kinds}
-    sample, preset = False, "llama"
+    for key, value in PRESETS[preset].items():  # a preset may set model and training fields
+        values[next(c for c, f in kinds.items() if key in f)][key] = value
+    sample = False
     for arg in argv:
         key, text = _split(arg)
         if key == "sample":
             sample = _parse_value(key, text, bool)
             continue
         if key == "preset":
-            if text not in PRESETS:
-                raise ValueError(f"--preset={text!r}: known presets are {sorted(PRESETS)}")
-            preset = text
             continue
         owner = next((c for c, f in kinds.items() if key in f), None)
         if owner is None:
             raise _unknown_option(key, [k for f in kinds.values() for k in f] + ["sample", "preset"])
         values[owner][key] = _parse_value(key, text, kinds[owner][key])
-    model_kw = dict(PRESETS[preset])
-    model_kw.update(values[model_cls])
-    return (model_cls(**model_kw), train_cls(**values[train_cls]), SampleConfig(**values[SampleConfig]),
-            sample)
+    return (model_cls(**values[model_cls]), train_cls(**values[train_cls]),
+            SampleConfig(**values[SampleConfig]), sample)
 
 
 def print_samples(model: GPT, enc: tiktoken.Encoding, sc: SampleConfig) -> list[str]:

@@ -904,7 +904,7 @@ def export_gguf(model: gpt.GPT, tokenizer: tiktoken.Encoding, path: str | Path, 
                              f"{' or same' if what == 'embed' else ''}, not {t!r}")
     layout = (cfg.norm, cfg.pos_emb, cfg.mlp, cfg.attention, cfg.bias, cfg.rope_dim == cfg.head_size)
     if layout != ("rmsnorm", "rope", "swiglu", "gqa", False, True) or \
-            cfg.window or cfg.sinks or cfg.qk_norm or cfg.attn_soft_cap:
+            cfg.window or cfg.sinks or cfg.qk_norm or cfg.attn_soft_cap or cfg.logit_soft_cap:
         raise ValueError("export_gguf writes llama.cpp's llama architecture: it needs the llama preset "
                          "(RMSNorm, RoPE over the whole head, SwiGLU, GQA attention, no bias, no "
                          "window/sinks/qk_norm/soft-cap)")

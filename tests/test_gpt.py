@@ -311,6 +311,7 @@ MODEL_VARIANTS = [
     dict(), dict(n_kv_head=1), dict(n_kv_head=4), dict(window=5), dict(sinks=True), dict(qk_norm=True),
     dict(window=4, sinks=True, n_kv_head=1), dict(tie_embeddings=False),
     dict(norm="layernorm", pos_emb="learned", mlp="gelu", bias=True, n_kv_head=0),
+    dict(mlp="relu2", logit_soft_cap=3.0, zero_init=True),
 ]
 
 
@@ -368,6 +369,38 @@ def test_loss_is_cross_entropy_plus_z_loss_and_aux():
     assert torch.allclose(loss, ce + 1e-2 * z)
     model.layers[0].feed_forward.aux_loss = torch.tensor(0.5)  # what an MoE layer would set
     assert torch.allclose(model(idx, tgt)[1], ce + 1e-2 * z + 0.5)
+
+
+def test_logit_soft_cap_relu2_and_zero_init_by_hand():
+    torch.manual_seed(0)
+    cfg = tiny_config(vocab_size=300, block_size=8, mlp="relu2", zero_init=True)
+    model = gpt.GPT(cfg).double()
+    idx = torch.randint(0, 300, (2, 8))
+    for block in model.layers:  # zero-init: every block starts as the identity
+        assert not block.attention.wo.weight.any() and not block.feed_forward.w2.weight.any()
+    plain, _ = model(idx)
+    assert torch.allclose(plain, model.output(model.norm(model.tok_embeddings(idx))), atol=1e-12)
+    for p in model.parameters():
+        p.data += 0.05 * torch.randn_like(p)
+    mlp, x = model.layers[0].feed_forward, torch.randn(3, cfg.n_embd, dtype=torch.float64)
+    assert mlp.w1.out_features == 4 * cfg.n_embd
+    assert torch.allclose(mlp(x), mlp.w2(torch.clamp(mlp.w1(x), min=0) ** 2), atol=1e-12)
+    plain, _ = model(idx)
+    model.cfg.logit_soft_cap = 0.5  # below the logits' range, so the cap really bends them
+    capped, _ = model(idx)
+    assert torch.allclose(capped, 0.5 * torch.tanh(plain / 0.5), atol=1e-12) and capped.abs().max() < 0.5
+
+
+def test_wsd_schedule_holds_the_peak_then_decays_linearly():
+    tc = gpt.TrainConfig(max_iters=100, warmup_iters=10, min_lr_ratio=0.1, schedule="wsd", cooldown_frac=0.4)
+    f = [gpt.lr_factor(it, tc) for it in range(101)]
+    assert f[0] == pytest.approx(0.1) and f[9] == 1.0  # warmup
+    assert all(x == 1.0 for x in f[10:61])  # stable until the last 40 steps
+    assert f[80] == pytest.approx(1 - 0.9 * 20 / 40) and f[100] == pytest.approx(0.1)
+    cos = dataclasses.replace(tc, schedule="cosine")
+    assert gpt.lr_factor(55, cos) == pytest.approx(0.55) and gpt.lr_factor(100, cos) == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="schedule must be cosine or wsd"):
+        gpt.TrainConfig(schedule="step")
 
 
 def test_parameter_names_follow_llama():
@@ -499,12 +532,15 @@ def test_cli_overrides_and_presets():
         gpt.parse_args(["--n_layer=three"])
     with pytest.raises(ValueError, match="known presets"):
         gpt.parse_args(["--preset=gpt5"])
+    cfg, tc, _, _ = gpt.parse_args(["--preset=speedrun", "--lr=1e-3"])  # model + training fields, flags win
+    assert (cfg.vocab_size, tc.optimizer, tc.lr, tc.qk_clip_tau) == (4096, "muon", 1e-3, 0.0)
 
 
 @pytest.mark.parametrize("kw,msg", [
     (dict(n_embd=100, n_head=3), "divisible"), (dict(n_head=4, n_kv_head=3), "multiple of n_kv_head"),
     (dict(vocab_size=100), "vocab_size"), (dict(norm="batchnorm"), "norm"), (dict(window=-1), "window"),
     (dict(pos_emb="learned", window=4), "pos_emb=rope"), (dict(n_layer=0), "positive"),
+    (dict(logit_soft_cap=-1.0), "logit_soft_cap"),
 ])
 def test_bad_model_configs(kw, msg):
     with pytest.raises(ValueError, match=msg):
