@@ -37,6 +37,7 @@ References
 Run it
     python grpo.py                                 # start, best-of-8, DPO, GRPO, Dr. GRPO, DAPO, RLOO
     python grpo.py --methods=grpo,drgrpo --steps=60      # any subset, longer
+    python grpo.py --methods=grpo --batch_prompts=16 --eval_every=7   # held-out figures along the way
     python grpo.py --methods=grpo --agg=token_mean --eps_high=0.28   # GRPO with some of DAPO's fixes
     python grpo.py --methods=grpo --reward=naive   # the gameable reward: see what the policy does to it
     python grpo.py --init=out/my_sft/ckpt.pt       # any gpt.py checkpoint as the start model
