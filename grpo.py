@@ -37,6 +37,7 @@ References
 Run it
     python grpo.py                                 # start, best-of-8, DPO, GRPO, Dr. GRPO, DAPO, RLOO
     python grpo.py --methods=grpo,drgrpo --steps=60      # any subset, longer
+    python grpo.py --methods=grpo --batch_prompts=16 --eval_every=7   # held-out figures along the way
     python grpo.py --methods=grpo --agg=token_mean --eps_high=0.28   # GRPO with some of DAPO's fixes
     python grpo.py --methods=grpo --reward=naive   # the gameable reward: see what the policy does to it
     python grpo.py --init=out/my_sft/ckpt.pt       # any gpt.py checkpoint as the start model
@@ -114,6 +115,7 @@ class GRPOConfig:
     bon: int = 8  # N of best-of-N
     n_train: int = 0  # training prompts from the train split (0 = all)
     n_eval: int = 64  # held-out prompts (valid split), one answer each at `temperature`
+    eval_every: int = 0  # also measure the held-out figures every this many steps during training (0 = no)
     val_tokens: int = 65536  # TinyStories val tokens of the val loss
     seed: int = 1337
     num_threads: int = 0  # torch CPU threads; 0 = torch's default (1 is much faster on a busy machine)
@@ -128,7 +130,7 @@ class GRPOConfig:
             raise ValueError(f"agg must be one of {', '.join(AGGREGATIONS)}, not {self.agg!r}")
         if self.reward not in REWARDS:
             raise ValueError(f"reward must be one of {', '.join(REWARDS)}, not {self.reward!r}")
-        for name in ("beta", "dpo_beta", "eps_low", "eps_high", "partial", "max_refills"):
+        for name in ("beta", "dpo_beta", "eps_low", "eps_high", "partial", "max_refills", "eval_every"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.eps_low >= 1:
@@ -384,9 +386,12 @@ def make_batches(tasks: list[lora.Instruction], enc, B: int, seed: int) -> Calla
 
 
 def train_rl(policy: gpt.GPT, ref: gpt.GPT, tasks: list[lora.Instruction], enc, cfg: GRPOConfig,
-             method: str = "grpo", log: Callable = print) -> list[dict]:
+             method: str = "grpo", log: Callable = print,
+             evaluate: Optional[Callable[[gpt.GPT], dict]] = None) -> list[dict]:
     """Train `policy` in place with `method` (grpo-family settings from cfg, or dpo) on prompts from
-    `tasks`; `ref` is the frozen start model. Returns one history entry per rollout batch."""
+    `tasks`; `ref` is the frozen start model. Returns one history entry per rollout batch; with
+    `evaluate` and cfg.eval_every, the entries of every eval_every-th step (not the last) hold
+    evaluate(policy) under "heldout" (it must not touch the training's random draws)."""
     if not tasks:
         raise ValueError("no training prompts: the task list is empty")
     if method not in METHODS:
@@ -480,6 +485,12 @@ def train_rl(policy: gpt.GPT, ref: gpt.GPT, tasks: list[lora.Instruction], enc, 
         log(f"  {method} step {step + 1}/{cfg.steps}: reward {h['reward']:.3f} success {h['success']:.3f} "
             f"kl {h['kl']:.4f} length {h['length']:.0f} clip {h['clip_frac']:.3f} groups {len(groups)} "
             f"samples {drawn} ({h['time']:.0f} s)")
+        if evaluate and cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
+            e0, c1 = time.time(), time.process_time()
+            h["heldout"] = {k: v for k, v in evaluate(policy).items() if isinstance(v, float)}
+            log(f"  {method} held-out at step {step + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in
+                                                                    h["heldout"].items()))
+            t0, c0 = t0 + time.time() - e0, c0 + time.process_time() - c1  # times count training only
     return history
 
 
@@ -565,7 +576,10 @@ def plot_curves(runs: dict[str, list[dict]], path: Path, title: str) -> None:
         emphasis = dict(lw=2.2) if name in ("grpo", "drgrpo") else dict(lw=1.2, alpha=0.8)
         for ax, key in zip(axes, ("reward", "kl", "length")):
             v = smooth([h[key] for h in hist])
-            ax.plot(np.arange(len(v)) + (len(hist) - len(v)) + 1, v, label=name, **emphasis)
+            line, = ax.plot(np.arange(len(v)) + (len(hist) - len(v)) + 1, v, label=name, **emphasis)
+        held = [(h["step"], h["heldout"]["success"]) for h in hist if "heldout" in h]
+        if held:  # --eval_every: the held-out success rate along the way, in the method's colour
+            axes[0].plot(*zip(*held), "o--", color=line.get_color(), lw=1, label=f"{name}: held-out success")
     titles = ("mean reward of the rollouts", "KL(pi || start) per token (k3, on the rollouts)",
               "mean answer length (tokens): GRPO vs Dr. GRPO")
     for ax, t in zip(axes, titles):
@@ -607,13 +621,17 @@ def run_demo(cfg: GRPOConfig) -> dict:
             policy = copy.deepcopy(ref).requires_grad_(True)
             print(f"\n=== {name}: " + ", ".join(f"{k}={getattr(mc, k)}" for k in (
                 "adv", "agg", "eps_low", "eps_high", "beta", "inner_steps", "dynamic_sampling")), flush=True)
-            hist = train_rl(policy, ref, tasks, enc, mc, name)
+            hist = train_rl(policy, ref, tasks, enc, mc, name, evaluate=lambda p, mc=mc: heldout_report(
+                p, ref, enc, held, mc, val, byte_lengths))
             runs[name] = hist
             row.update(train_samples=hist[-1]["samples"], train_time=hist[-1]["time"],
                        train_cpu=hist[-1]["cpu"], history=hist)
         t0 = time.time()
         row.update(heldout_report(policy, ref, enc, held, mc, val, byte_lengths, n), test_samples=n)
         row["eval_time"] = time.time() - t0
+        if name in runs:  # the final held-out figures close the run's curve of them (--eval_every)
+            keys = ("success", "reward", "fluent", "words", "kl", "val_loss", "length")
+            runs[name][-1]["heldout"] = {k: row[k] for k in keys}
         rows.append(row)
         start = row if name == "start" else start
         print(f"{row['method']}: success {row['success']:.3f}, reward {row['reward']:.3f}, "

@@ -353,6 +353,30 @@ def test_other_methods_update_the_policy(tokenizer, monkeypatch, method):
     assert changed
 
 
+def test_heldout_evaluation_during_training_changes_nothing(tokenizer, monkeypatch):
+    """eval_every runs the real held-out report (sampling, exact KL, val loss) mid-run on its own random
+    draws: the run's rewards and final weights are those of the same run without it."""
+    monkeypatch.setitem(grpo.REWARDS, "length", lambda text, words, e, partial: len(text) % 5 / 4)
+    enc = tokenizer[0]
+    ref = tiny_model()
+    tasks, held = lora.load_instructions("train", 50), lora.load_instructions("valid", 4, seed=1)
+    val, byte_lengths = gpt.load_tokens("valid", enc)[:4096], gpt.token_byte_lengths(enc)
+    runs = []
+    for every in (0, 1):
+        policy = copy.deepcopy(ref).requires_grad_(True)
+        cfg = small_cfg(reward="length", steps=2, eval_every=every, n_eval=4, val_tokens=1024)
+        hist = grpo.train_rl(policy, ref, tasks, enc, cfg, "grpo", log=quiet, evaluate=lambda p, cfg=cfg:
+                             grpo.heldout_report(p, ref, enc, held, cfg, val, byte_lengths))
+        runs.append((hist, policy.state_dict()))
+    (plain, w0), (evaluated, w1) = runs
+    assert ["heldout" in h for h in plain] == [False, False]
+    assert ["heldout" in h for h in evaluated] == [True, False]  # the last step: run_demo's final row
+    assert {"success", "kl", "val_loss", "length"} <= set(evaluated[0]["heldout"])
+    assert [h["reward"] for h in plain] == [h["reward"] for h in evaluated]
+    for k, v in w0.items():
+        assert torch.equal(v, w1[k]), k
+
+
 @pytest.fixture(scope="module")
 def pretrained_tiny(tmp_path_factory):
     """A tiny model trained on TinyStories for 40 steps: it writes story-like text and sometimes ends."""
