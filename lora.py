@@ -600,8 +600,8 @@ def sft_batches(examples: list[tuple[list[int], int]], pad: int) -> Callable:
 
 # Where an answer ends: at <|endoftext|>, which the SFT answers end with, and also at an end-of-turn
 # token if the tokenizer has one. An instruct model (SmolLM2-135M-Instruct) was tuned to close its
-# answers with ChatML's <|im_end|>; prompted in plain text it still does, and never writes
-# <|endoftext|>, so without this its finished answers would all count as cut off.
+# answers with ChatML's <|im_end|>; prompted in plain text it still ends them so rather than with
+# <|endoftext|>, and without this its finished answers would count as cut off.
 END_OF_TURN = ("<|im_end|>",)
 
 
@@ -820,8 +820,8 @@ def load_start_model(dc: LoRADemoConfig) -> tuple[gpt.GPT, object]:
 
 def plain_val_tokens(enc, dc: LoRADemoConfig) -> np.ndarray:
     """The plain TinyStories val tokens of the forgetting column, in the model's tokenizer: the whole
-    split for gpt.py's models; its first dc.val_tokens for a GGUF model (a pass of a 135M model over
-    the whole split takes most of an hour on one CPU core)."""
+    split for gpt.py's models; its first dc.val_tokens for a GGUF model (whose pass over the whole
+    split is a long job on a CPU)."""
     val = gpt.load_tokens("valid", enc)
     return val[:dc.val_tokens + 1] if dc.gguf else val
 
