@@ -39,7 +39,8 @@ Run it
     python lora.py --init=out/ckpt.pt               # start from your own `python gpt.py` checkpoint
     python lora.py --checkpointing=true             # recompute block activations in backward
     python lora.py --timing=true --methods=full,lora8,qlora8   # only step times, round-robin
-    python lora.py --gguf=PATH --methods=base,qlora8 --steps=20   # SmolLM2-135M-Instruct (pretrained.py)
+    python lora.py --gguf=PATH --methods=base,lora8,qlora8 --steps=20 --batch_size=2 --lr_lora=1e-3 \\
+        --n_eval=24 --val_tokens=2048 --eval_interval=20      # SmolLM2-135M-Instruct (pretrained.py)
 
 Not covered: DoRA, rsLoRA, LoRA+ and other variants; adapters on the embedding (PEFT's
 modules_to_save); 4-bit matmul kernels (the CPU path dequantizes to fp32 / bf16 per matmul);
@@ -48,12 +49,14 @@ multi-turn chat data; the optional first-sentence constraint of TinyStories-Inst
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import functools
 import json
 import math
 import re
+import resource
 import sys
 import time
 from dataclasses import dataclass
@@ -595,12 +598,31 @@ def sft_batches(examples: list[tuple[list[int], int]], pad: int) -> Callable:
 # Evaluation: sample an answer to each held-out prompt and verify it.
 
 
+# Where an answer ends: at <|endoftext|>, which the SFT answers end with, and also at an end-of-turn
+# token if the tokenizer has one. An instruct model (SmolLM2-135M-Instruct) was tuned to close its
+# answers with ChatML's <|im_end|>; prompted in plain text it still ends them so rather than with
+# <|endoftext|>, and without this its finished answers would count as cut off.
+END_OF_TURN = ("<|im_end|>",)
+
+
+def end_of_turn_ids(enc) -> set[int]:
+    return {enc.encode_single_token(t) for t in END_OF_TURN if t in enc.special_tokens_set}
+
+
+def cut_at_stop(ids: list[int], ended: bool, stops: set[int]) -> tuple[list[int], bool]:
+    """(ids up to the first id in `stops`, True) if there is one, else (ids, ended) unchanged."""
+    cut = next((k for k, i in enumerate(ids) if i in stops), None)
+    return (ids, ended) if cut is None else (ids[:cut], True)
+
+
 @torch.no_grad()
 def sample_answers(model: gpt.GPT, enc, prompts: list[list[int]], max_new_tokens: int, temperature: float,
                    seed: int) -> list[tuple[str, bool]]:
     """One sampled answer per prompt: (text, ended). Prompts of equal length are batched together
-    (dpo.sample_completions); answers are cut at the context length the model was trained on."""
+    (dpo.sample_completions); answers are cut at the context length the model was trained on, and at
+    an end-of-turn token (END_OF_TURN) if the tokenizer has one."""
     was_training = model.training
+    stops = end_of_turn_ids(enc)
     gen = torch.Generator().manual_seed(seed)
     out: list[Optional[tuple[str, bool]]] = [None] * len(prompts)
     for P in sorted({len(p) for p in prompts}):
@@ -609,6 +631,7 @@ def sample_answers(model: gpt.GPT, enc, prompts: list[list[int]], max_new_tokens
         got = dpo.sample_completions(model, [prompts[i] for i in idx], 1, n_new, temperature,
                                      enc.eot_token, gen)
         for i, [(ids, ended)] in zip(idx, got):
+            ids, ended = cut_at_stop(ids, ended, stops)
             out[i] = (enc.decode(ids), ended)
     model.train(was_training)
     return out  # type: ignore[return-value]
@@ -713,6 +736,11 @@ def training_memory(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch
                 total=weights + grads + opt + acts)
 
 
+def peak_rss_bytes() -> int:
+    """The most resident memory this process has held so far (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def base_weight_bytes(model: nn.Module) -> dict[str, int]:
     """Bytes of the frozen base: all of it, and the blocks' linear layers alone (what QLoRA quantizes)."""
     lora_ids = {id(p) for p in adapter_parameters(model)}
@@ -748,7 +776,8 @@ class LoRADemoConfig:
     n_train: int = 0  # training instructions from the train split (0 = all that fit the context)
     n_eval: int = 96  # held-out instructions (valid split) scored at every evaluation
     eval_interval: int = 50  # steps between evaluations (success rate and val loss)
-    val_tokens: int = 32768  # TinyStories val tokens of the periodic val loss (the final one: all)
+    val_tokens: int = 32768  # TinyStories val tokens of the periodic val loss (the final one: all of
+    #                          them, except with --gguf, where every val loss uses the first val_tokens)
     max_new_tokens: int = 240  # answer length cap (and the context: block_size - prompt length)
     temperature: float = 0.7  # sampling temperature of the held-out answers
     seed: int = 1337
@@ -789,6 +818,29 @@ def load_start_model(dc: LoRADemoConfig) -> tuple[gpt.GPT, object]:
     return model, enc
 
 
+def plain_val_tokens(enc, dc: LoRADemoConfig) -> np.ndarray:
+    """The plain TinyStories val tokens of the forgetting column, in the model's tokenizer: the whole
+    split for gpt.py's models; its first dc.val_tokens for a GGUF model (whose pass over the whole
+    split is a long job on a CPU)."""
+    val = gpt.load_tokens("valid", enc)
+    return val[:dc.val_tokens + 1] if dc.gguf else val
+
+
+@contextlib.contextmanager
+def model_tokenizer(enc, val: np.ndarray):
+    """Make gpt.train evaluate in `enc` on the val tokens `val`. gpt.train builds gpt.py's own
+    tokenizer from cfg.vocab_size (a trimmed GPT-2) and scores the whole val split with it; a GGUF model
+    brings its own tokenizer, so without this its val loss would be computed on ids that mean other
+    text. A workaround until gpt.train takes the tokenizer and the val tokens as arguments."""
+    build, load = gpt.build_tokenizer, gpt.load_tokens
+    gpt.build_tokenizer = lambda vocab_size: (enc, [])
+    gpt.load_tokens = lambda split, enc_, data="sample": val if split == "valid" else load(split, enc_, data)
+    try:
+        yield
+    finally:
+        gpt.build_tokenizer, gpt.load_tokens = build, load
+
+
 def run_method(method: Method, base: gpt.GPT, enc, examples: list, held: list[Instruction],
                dc: LoRADemoConfig, base_figures: dict) -> dict:
     """Fine-tune one method with gpt.train and measure it; returns its row of the table."""
@@ -808,7 +860,15 @@ def run_method(method: Method, base: gpt.GPT, enc, examples: list, held: list[In
                          log_interval=max(1, dc.eval_interval // 2), seed=dc.seed, out_dir=str(out),
                          ckpt_interval=dc.steps, overwrite=True, num_threads=dc.num_threads, plot="")
     print(f"\n=== {method.name}: {n_train:,} trainable parameters ===", flush=True)
-    res = gpt.train(model.cfg, tc, model=model, batches=sft_batches(examples, enc.eot_token), probe=probe)
+    batches, computed = sft_batches(examples, enc.eot_token), []
+
+    def counted(*args):  # the tokens each step computes (padding included), for tokens/s
+        x, y = batches(*args)
+        computed.append(x.numel())
+        return x, y
+
+    with model_tokenizer(enc, plain_val_tokens(enc, dc)) if dc.gguf else contextlib.nullcontext():
+        res = gpt.train(model.cfg, tc, model=model, batches=counted, probe=probe)
     model, opt, final = res["model"], res["optimizer"], res["final"]
     if method.kind == "full":
         with gpt.atomic_path(out / "weights.pt") as tmp:  # what a full fine-tune has to ship
@@ -821,16 +881,16 @@ def run_method(method: Method, base: gpt.GPT, enc, examples: list, held: list[In
     return dict(method=method.name, trainable=n_train, success=final["success"], fluent=final["fluent"],
                 words=final["words"], val_loss=final["val_loss"], file_bytes=file_bytes,
                 optimizer_bytes=optimizer_bytes(opt), memory=mem, **base_weight_bytes(model),
-                step_time=final["step_time"] / dc.steps,
+                step_time=final["step_time"] / dc.steps, tok_s=sum(computed) / final["step_time"],
                 curve=[(h["iter"], h["success"], h["val_loss"]) for h in res["history"]
                        if "success" in h and not h.get("whole_split")] + [(dc.steps, final["success"], None)])
 
 
 def base_row(base: gpt.GPT, enc, figures: dict, dc: LoRADemoConfig) -> dict:
-    val = gpt.load_tokens("valid", enc)
+    val = plain_val_tokens(enc, dc)
     ev = gpt.evaluate(base, val, gpt.token_byte_lengths(enc), base.cfg.block_size, dc.batch_size)
     return dict(method="base", trainable=0, **figures, val_loss=ev["loss"], file_bytes=0, optimizer_bytes=0,
-                memory=None, **base_weight_bytes(base), step_time=None, curve=None)
+                memory=None, **base_weight_bytes(base), step_time=None, tok_s=None, curve=None)
 
 
 def fmt_bytes(n: Optional[int]) -> str:
@@ -847,8 +907,8 @@ def print_table(rows: list[dict]) -> None:
     n_full = full["trainable"] if full else None
     t_full = full["step_time"] if full else None
     print("\n| method | trainable params | held-out success | fluent | words used | val loss (plain) | "
-          "adapter / weights file | optimizer state | base weights | train memory | step time |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "adapter / weights file | optimizer state | base weights | train memory | step time | tokens/s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         share = f" ({r['trainable'] / n_full:.1%})" if n_full and r["method"] != "full" and r["trainable"] \
             else ""
@@ -858,7 +918,8 @@ def print_table(rows: list[dict]) -> None:
         mem = fmt_bytes(r["memory"]["total"]) if r["memory"] else "-"
         print(f"| {r['method']} | {r['trainable']:,}{share} | {r['success']:.3f} | {r['fluent']:.3f} | "
               f"{r['words']:.3f} | {r['val_loss']:.4f} | {fmt_bytes(r['file_bytes'] or None)} | "
-              f"{fmt_bytes(r['optimizer_bytes'] or None)} | {fmt_bytes(r['base'])} | {mem} | {st} |")
+              f"{fmt_bytes(r['optimizer_bytes'] or None)} | {fmt_bytes(r['base'])} | {mem} | {st} | "
+              + ("-" if r.get("tok_s") is None else f"{r['tok_s']:.0f}") + " |")
 
 
 def plot_curves(rows: list[dict], path: Path, title: str) -> None:
@@ -940,6 +1001,7 @@ def run_demo(dc: LoRADemoConfig) -> list[dict]:
         rows.append(base_row(base, enc, base_figures, dc) if m.kind == "base"
                     else run_method(m, base, enc, examples, held, dc, base_figures))
     print_table(rows)
+    print(f"peak resident memory of this process: {peak_rss_bytes() / 1e9:.2f} GB")
     out = Path(dc.out_dir)
     with gpt.atomic_path(out / "results.json") as tmp:
         tmp.write_text(json.dumps(dict(config=dataclasses.asdict(dc), rows=rows), indent=1))

@@ -6,6 +6,7 @@ short real SFT run that lowers the held-out answer loss."""
 import copy
 
 import pytest
+import tiktoken
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -339,6 +340,55 @@ def test_short_sft_run_lowers_the_heldout_answer_loss(tokenizer, tmp_path):
     res = gpt.train(model.cfg, tc, verbose=False, model=model, batches=lora.sft_batches(train, enc.eot_token))
     after = answer_loss(res["model"], held)
     assert after < before - 1.0, (before, after)
+
+
+def with_im_end(enc) -> tiktoken.Encoding:
+    """The toy tokenizer plus ChatML's <|im_end|> (id 8192), the way SmolLM2's tokenizer ends a turn."""
+    return tiktoken.Encoding(name=enc.name + "+im_end", pat_str=enc._pat_str,
+                             mergeable_ranks=enc._mergeable_ranks,
+                             special_tokens={**enc._special_tokens, "<|im_end|>": enc.n_vocab})
+
+
+def test_answers_end_at_an_end_of_turn_token(tokenizer):
+    """An instruct model closes an answer with <|im_end|>, never <|endoftext|>: with a tokenizer that has
+    <|im_end|>, the answer ends there, finished (without the cut it would run on to the length cap)."""
+    enc0 = tokenizer[0]
+    enc = with_im_end(enc0)
+    model = tiny_model(vocab_size=enc.n_vocab)
+    word = enc.encode_ordinary(" ball")
+    steps = []
+
+    def force(module, inputs, out):  # the first new token is " ball", every later one <|im_end|>
+        steps.append(out.shape[1])
+        want = word[0] if len(steps) == 1 else enc.n_vocab - 1
+        forced = torch.full_like(out, -1e4)
+        forced[..., want] = 0.0
+        return forced
+
+    model.output.register_forward_hook(force)
+    prompt = [lora.encode_prompt(enc, "Words: ball\nStory:")]
+    assert lora.end_of_turn_ids(enc) == {enc.n_vocab - 1} and lora.end_of_turn_ids(enc0) == set()
+    assert lora.sample_answers(model, enc, prompt, 6, 1.0, 0) == [(" ball", True)]
+    assert lora.cut_at_stop([5, 6, 7], False, set()) == ([5, 6, 7], False)  # no end-of-turn: unchanged
+
+
+def test_model_tokenizer_makes_gpt_train_evaluate_in_the_models_tokens(tokenizer, tmp_path):
+    """gpt.train scores the val split in gpt.py's own tokenizer; a GGUF model brings its own. Under
+    model_tokenizer(enc, val) it evaluates `val` with `enc`, and gpt.py is restored afterwards."""
+    enc = tokenizer[0]
+    val = gpt.load_tokens("train", enc)[:257]  # a distinct token stream, to see which one is scored
+    model = lora.prepare(tiny_model(), lora.parse_method("lora4"))
+    ex = [lora.encode_example(enc, t, 10 ** 6) for t in lora.load_instructions("train", 8)]
+    ex = [(ids[:65], P) for ids, P in ex]  # cut to the tiny model's 64-token context
+    tc = tiny_train_config(tmp_path, max_iters=1, warmup_iters=0, batch_size=2)
+    build, load = gpt.build_tokenizer, gpt.load_tokens
+    with lora.model_tokenizer(enc, val):
+        res = gpt.train(model.cfg, tc, verbose=False, model=model,
+                        batches=lora.sft_batches(ex, enc.eot_token))
+    assert gpt.build_tokenizer is build and gpt.load_tokens is load
+    assert res["tokenizer"] is enc and res["final"]["val_tokens"] == 256
+    ref = gpt.evaluate(res["model"].eval(), val, gpt.token_byte_lengths(enc), 64, 2)
+    assert res["final"]["val_loss"] == pytest.approx(ref["loss"], rel=1e-6)
 
 
 STORY = ("Tom had a red ball. He took the ball to the park with his dog. The dog ran after the ball and "
