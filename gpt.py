@@ -1136,20 +1136,24 @@ PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "409
 
 
 def train(cfg: GPTConfig, tc: TrainConfig, verbose: bool = True, *, model: Optional[nn.Module] = None,
-          batches: Optional[Callable] = None, probe: Optional[Callable] = None) -> dict:
+          batches: Optional[Callable] = None, probe: Optional[Callable] = None,
+          tokenizer: Optional[tiktoken.Encoding] = None, val_tokens: Optional[np.ndarray] = None) -> dict:
     """Train a GPT and return {"model", "tokenizer", "optimizer", "history", "final"}.
 
     Each iteration: [evaluate] -> one optimizer step over grad_accum micro-batches -> [checkpoint].
     The checkpoint after iteration i holds everything that influences iteration i+1 (weights,
     optimizer moments, the data generator, RNG states), so --resume continues bit-for-bit.
 
-    Other chapters reuse this loop through three hooks instead of copying it:
+    Other chapters reuse this loop through these hooks instead of copying it:
       model:   train this module (e.g. a pretrained model with adapters) instead of a fresh GPT(cfg);
                only its parameters with requires_grad are optimized.
       batches: batches(gen, micro, accum, world, rank) -> (x, y) LongTensors (accum, micro, T) drawn
                from the torch.Generator `gen` (saved in checkpoints): a different data source, e.g.
                instruction data whose prompt targets are -1 (ignored by the loss).
       probe:   probe(model, it) -> dict of extra figures, run at every evaluation and logged in history.
+      tokenizer: the model's own tokenizer (a pretrained model's) instead of gpt.py's trimmed GPT-2 for
+               cfg.vocab_size; evaluation and the default batches then use its token ids.
+      val_tokens: the token stream to evaluate on, instead of the whole valid split.
     """
     rank, world, device = setup_distributed(tc)
     master = rank == 0
@@ -1164,8 +1168,9 @@ def train(cfg: GPTConfig, tc: TrainConfig, verbose: bool = True, *, model: Optio
         raise FileExistsError(f"{ckpt_path} already holds a checkpoint: continue it with --resume, train "
                               "into another directory with --out_dir=DIR, or replace it with --overwrite")
 
-    enc, kept = build_tokenizer(cfg.vocab_size)
-    train_tokens, val_tokens = load_tokens("train", enc, tc.data), load_tokens("valid", enc, tc.data)
+    enc, kept = (tokenizer, []) if tokenizer is not None else build_tokenizer(cfg.vocab_size)
+    train_tokens = load_tokens("train", enc, tc.data)
+    val_tokens = load_tokens("valid", enc, tc.data) if val_tokens is None else val_tokens
     byte_lengths = token_byte_lengths(enc)
 
     torch.manual_seed(tc.seed)

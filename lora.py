@@ -49,7 +49,6 @@ multi-turn chat data; the optional first-sentence constraint of TinyStories-Inst
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import functools
@@ -826,21 +825,6 @@ def plain_val_tokens(enc, dc: LoRADemoConfig) -> np.ndarray:
     return val[:dc.val_tokens + 1] if dc.gguf else val
 
 
-@contextlib.contextmanager
-def model_tokenizer(enc, val: np.ndarray):
-    """Make gpt.train evaluate in `enc` on the val tokens `val`. gpt.train builds gpt.py's own
-    tokenizer from cfg.vocab_size (a trimmed GPT-2) and scores the whole val split with it; a GGUF model
-    brings its own tokenizer, so without this its val loss would be computed on ids that mean other
-    text. A workaround until gpt.train takes the tokenizer and the val tokens as arguments."""
-    build, load = gpt.build_tokenizer, gpt.load_tokens
-    gpt.build_tokenizer = lambda vocab_size: (enc, [])
-    gpt.load_tokens = lambda split, enc_, data="sample": val if split == "valid" else load(split, enc_, data)
-    try:
-        yield
-    finally:
-        gpt.build_tokenizer, gpt.load_tokens = build, load
-
-
 def run_method(method: Method, base: gpt.GPT, enc, examples: list, held: list[Instruction],
                dc: LoRADemoConfig, base_figures: dict) -> dict:
     """Fine-tune one method with gpt.train and measure it; returns its row of the table."""
@@ -867,8 +851,8 @@ def run_method(method: Method, base: gpt.GPT, enc, examples: list, held: list[In
         computed.append(x.numel())
         return x, y
 
-    with model_tokenizer(enc, plain_val_tokens(enc, dc)) if dc.gguf else contextlib.nullcontext():
-        res = gpt.train(model.cfg, tc, model=model, batches=counted, probe=probe)
+    own = dict(tokenizer=enc, val_tokens=plain_val_tokens(enc, dc)) if dc.gguf else {}  # a GGUF's own ids
+    res = gpt.train(model.cfg, tc, model=model, batches=counted, probe=probe, **own)
     model, opt, final = res["model"], res["optimizer"], res["final"]
     if method.kind == "full":
         with gpt.atomic_path(out / "weights.pt") as tmp:  # what a full fine-tune has to ship

@@ -372,20 +372,17 @@ def test_answers_end_at_an_end_of_turn_token(tokenizer):
     assert lora.cut_at_stop([5, 6, 7], False, set()) == ([5, 6, 7], False)  # no end-of-turn: unchanged
 
 
-def test_model_tokenizer_makes_gpt_train_evaluate_in_the_models_tokens(tokenizer, tmp_path):
-    """gpt.train scores the val split in gpt.py's own tokenizer; a GGUF model brings its own. Under
-    model_tokenizer(enc, val) it evaluates `val` with `enc`, and gpt.py is restored afterwards."""
+def test_gpt_train_evaluates_in_the_models_own_tokens(tokenizer, tmp_path):
+    """gpt.train scores the val split in gpt.py's own tokenizer; a GGUF model brings its own, which
+    lora.py passes as gpt.train(tokenizer=enc, val_tokens=val)."""
     enc = tokenizer[0]
     val = gpt.load_tokens("train", enc)[:257]  # a distinct token stream, to see which one is scored
     model = lora.prepare(tiny_model(), lora.parse_method("lora4"))
     ex = [lora.encode_example(enc, t, 10 ** 6) for t in lora.load_instructions("train", 8)]
     ex = [(ids[:65], P) for ids, P in ex]  # cut to the tiny model's 64-token context
     tc = tiny_train_config(tmp_path, max_iters=1, warmup_iters=0, batch_size=2)
-    build, load = gpt.build_tokenizer, gpt.load_tokens
-    with lora.model_tokenizer(enc, val):
-        res = gpt.train(model.cfg, tc, verbose=False, model=model,
-                        batches=lora.sft_batches(ex, enc.eot_token))
-    assert gpt.build_tokenizer is build and gpt.load_tokens is load
+    res = gpt.train(model.cfg, tc, verbose=False, model=model, batches=lora.sft_batches(ex, enc.eot_token),
+                    tokenizer=enc, val_tokens=val)
     assert res["tokenizer"] is enc and res["final"]["val_tokens"] == 256
     ref = gpt.evaluate(res["model"].eval(), val, gpt.token_byte_lengths(enc), 64, 2)
     assert res["final"]["val_loss"] == pytest.approx(ref["loss"], rel=1e-6)
