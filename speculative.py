@@ -617,11 +617,12 @@ class MTPRunner:
 
 def thin_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """F.linear(x, weight, bias) for the few rows of a decode step or a verify chunk, computed as
-    (W x^T)^T: x (..., K), weight (N, K) -> (..., N). The same products summed in the same order of k;
-    only the BLAS call differs. A BLAS picks its kernel by shape, and for x W^T with 2-4 rows some
+    (W x^T)^T: x (..., K), weight (N, K) -> (..., N). The same products; only the BLAS call (and so
+    the rounding of the sums) differs. A BLAS picks its kernel by shape, and for x W^T with 2-4 rows some
     (MKL's sgemm on the AMD CPU of docs/speculative.md) stream W from memory about once per row, so a
-    verify over gamma + 1 positions costs about gamma + 1 steps; W x^T, a wide matrix times a thin one,
-    streams W once. This is what makes scoring gamma + 1 positions cost about one step."""
+    verify over gamma + 1 positions costs up to gamma + 1 steps. W x^T, a wide matrix times a thin one,
+    is served by other kernels, which stream W once for some shapes (the output layer) and not for
+    others: which matmuls gain depends on the BLAS, so StaticRunner's `thin` picks them."""
     x2 = x.reshape(-1, x.shape[-1])  # (M, K), M = the rows (positions) of this step
     y = (weight @ x2.t()).t()  # (N, K) @ (K, M) -> (N, M) -> (M, N)
     if bias is not None:
