@@ -615,6 +615,34 @@ class MTPRunner:
         self.cache.truncate(n)
 
 
+def thin_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """F.linear(x, weight, bias) for the few rows of a decode step or a verify chunk, computed as
+    (W x^T)^T: x (..., K), weight (N, K) -> (..., N). The same products; only the BLAS call (and so
+    the rounding of the sums) differs. A BLAS picks its kernel by shape, and for x W^T with 2-4 rows some
+    (MKL's sgemm on the AMD CPU of docs/speculative.md) stream W from memory about once per row, so a
+    verify over gamma + 1 positions costs up to gamma + 1 steps. W x^T, a wide matrix times a thin one,
+    is served by other kernels, which stream W once for some shapes (the output layer) and not for
+    others: which matmuls gain depends on the BLAS, so StaticRunner's `thin` picks them."""
+    x2 = x.reshape(-1, x.shape[-1])  # (M, K), M = the rows (positions) of this step
+    y = (weight @ x2.t()).t()  # (N, K) @ (K, M) -> (N, M) -> (M, N)
+    if bias is not None:
+        y = y + bias
+    return y.reshape(*x.shape[:-1], weight.shape[0])  # (..., N)
+
+
+THIN = ("off", "head", "all")  # StaticRunner(thin=...): which matmuls run as (W x^T)^T
+
+
+def static_mlp(mlp: nn.Module, x: torch.Tensor, lin) -> torch.Tensor:
+    """gpt.py's SwiGLU / GeluMLP with every matmul through `lin`; any other MLP (e.g. moe.py's) runs as is."""
+    if isinstance(mlp, gpt.SwiGLU):
+        return lin(F.silu(lin(x, mlp.w1.weight, mlp.w1.bias)) * lin(x, mlp.w3.weight, mlp.w3.bias),
+                   mlp.w2.weight, mlp.w2.bias)
+    if isinstance(mlp, gpt.GeluMLP):
+        return lin(F.gelu(lin(x, mlp.w1.weight, mlp.w1.bias), approximate="tanh"), mlp.w2.weight, mlp.w2.bias)
+    return mlp(x)
+
+
 def static_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
                      sinks: Optional[torch.Tensor] = None, soft_cap: float = 0.0) -> torch.Tensor:
     """Attention of q (B, nh, T, hs) over all S cache slots k, v (B, nkv, S, hs), mask (T, S) True where
@@ -649,9 +677,10 @@ class StaticCache:
 
 
 def static_blocks(blocks: nn.ModuleList, x: torch.Tensor, pos: torch.Tensor, cache: StaticCache,
-                  rope: bool) -> torch.Tensor:
+                  rope: bool, lin=F.linear) -> torch.Tensor:
     """gpt.Block's math (pre-norm attention + MLP) for x (1, T, C) at positions pos (T,), keys and values
-    written into and read from the static cache; the same operations as gpt.Attention.forward."""
+    written into and read from the static cache; the same operations as gpt.Attention.forward, every
+    matmul with a weight through `lin` (F.linear or thin_linear)."""
     B, T, C = x.shape
     i, j = pos[:, None], cache.slots[None, :]
     mask = j <= i  # (T, S): causal over the slots, which hold positions
@@ -661,9 +690,9 @@ def static_blocks(blocks: nn.ModuleList, x: torch.Tensor, pos: torch.Tensor, cac
     for layer, block in enumerate(blocks):
         a, cfg = block.attention, block.attention.cfg
         y = block.attention_norm(x)
-        q = a.wq(y).view(B, T, cfg.n_head, cfg.head_size)  # (B, T, nh, hs)
-        k = a.wk(y).view(B, T, cfg.n_kv_head, cfg.head_size)  # (B, T, nkv, hs)
-        v = a.wv(y).view(B, T, cfg.n_kv_head, cfg.head_size)
+        q = lin(y, a.wq.weight, a.wq.bias).view(B, T, cfg.n_head, cfg.head_size)  # (B, T, nh, hs)
+        k = lin(y, a.wk.weight, a.wk.bias).view(B, T, cfg.n_kv_head, cfg.head_size)  # (B, T, nkv, hs)
+        v = lin(y, a.wv.weight, a.wv.bias).view(B, T, cfg.n_kv_head, cfg.head_size)
         if cfg.qk_norm:
             q, k = a.q_norm(q), a.k_norm(k)
         if cs is not None:
@@ -672,20 +701,24 @@ def static_blocks(blocks: nn.ModuleList, x: torch.Tensor, pos: torch.Tensor, cac
         cache.v[layer].index_copy_(2, pos, v.transpose(1, 2))
         o = static_attention(q.transpose(1, 2), cache.k[layer], cache.v[layer], mask,
                              getattr(a, "sinks", None), cfg.attn_soft_cap)  # (B, nh, T, hs)
-        x = x + a.wo(o.transpose(1, 2).reshape(B, T, cfg.n_head * cfg.head_size))
-        x = x + block.feed_forward(block.ffn_norm(x))
+        x = x + lin(o.transpose(1, 2).reshape(B, T, cfg.n_head * cfg.head_size), a.wo.weight, a.wo.bias)
+        x = x + static_mlp(block.feed_forward, block.ffn_norm(x), lin)
     return x
 
 
 class StaticRunner:
     """gpt-fast's decoder for a gpt.GPT: static cache, fixed shapes; the step after the prompt is
-    torch.compile'd when compile=True (the prompt, fed once, runs uncompiled)."""
+    torch.compile'd when compile=True (the prompt, fed once, runs uncompiled). `thin` picks which weight
+    matmuls run as (W x^T)^T (thin_linear): off (none), head (the output layer), all."""
 
-    def __init__(self, model: gpt.GPT, max_len: int, compile: bool = False, want_hidden: bool = False):
+    def __init__(self, model: gpt.GPT, max_len: int, compile: bool = False, want_hidden: bool = False,
+                 thin: str = "off"):
         cfg = model.cfg
         if cfg.attention != "gqa":
             raise ValueError(f"the static decoder re-implements gpt.py's gqa attention, not "
                              f"attention={cfg.attention!r}: use EagerRunner")
+        if thin not in THIN:
+            raise ValueError(f"thin must be one of {', '.join(THIN)}, not {thin!r}")
         if cfg.pos_emb == "learned" and max_len > cfg.block_size:
             raise ValueError(f"learned positions stop at block_size={cfg.block_size}, asked for {max_len}")
         self.model, self.want_hidden = model.eval(), want_hidden
@@ -694,6 +727,8 @@ class StaticRunner:
         self.pos = 0
         self.head = model.output.weight  # (V, C), or the subset's rows
         self.subset: Optional[torch.Tensor] = None
+        self.lin = thin_linear if thin == "all" else F.linear  # the blocks' matmuls
+        self.lin_head = thin_linear if thin in ("head", "all") else F.linear
         self.compiled = torch.compile(self.step, dynamic=None) if compile else self.step
 
     def reset(self) -> None:
@@ -711,9 +746,9 @@ class StaticRunner:
         x = m.tok_embeddings(idx)  # (1, T, C)
         if m.cfg.pos_emb == "learned":
             x = x + m.pos_embeddings(pos)
-        h = static_blocks(m.layers, x, pos, self.cache, m.cfg.pos_emb == "rope")
+        h = static_blocks(m.layers, x, pos, self.cache, m.cfg.pos_emb == "rope", self.lin)
         y = h[:, -1:] if last_only else h
-        return F.linear(m.norm(y), self.head), h  # (1, T', V|N)
+        return self.lin_head(m.norm(y), self.head), h  # (1, T', V|N)
 
     def feed(self, tokens: list[int], last_only: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         T = len(tokens)
@@ -819,16 +854,21 @@ def mtp_val_losses(model: MTPGPT | FrozenMTP, tokens: np.ndarray, n_windows: int
 def train_mtp_frozen(model: gpt.GPT, modules: nn.ModuleList, tokens: np.ndarray, steps: int, n_windows: int,
                      block_size: int, batch_size: int = 8, lr: float = 3e-3, seed: int = 0,
                      subset: Optional[torch.Tensor] = None, log=print) -> list[float]:
-    """Train MTP modules on top of a frozen model from its cached hidden states: one no-grad pass of the
-    model over n_windows random windows, then AdamW on the modules alone (embedding and head frozen),
-    the softmax over `subset`'s tokens if given (see mtp_losses)."""
+    """Train MTP modules on top of a frozen model with AdamW on the modules alone (embedding and head
+    frozen), the softmax over `subset`'s tokens if given (see mtp_losses). The model's hidden states:
+    n_windows > 0: one no-grad pass over n_windows random windows, cached, and every step samples its batch
+    from the cache (quick, but a small cache is seen many times over and the modules memorize it);
+    n_windows = 0: every step draws batch_size fresh windows and runs the model on them then (each window
+    seen once, steps x batch_size windows in all; no cache)."""
     gen = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, len(tokens) - block_size - 1, (n_windows,), generator=gen)
-    x, y = gpt.get_batch(tokens, starts, block_size)  # (N, T) each
+    new_windows = lambda n: gpt.get_batch(  # noqa: E731  (n, T) inputs and targets
+        tokens, torch.randint(0, len(tokens) - block_size - 1, (n,), generator=gen), block_size)
     model.eval().requires_grad_(False)
-    with torch.no_grad():  # the cache: h^0 of every window, computed once
-        hs = torch.cat([forward_hidden(model, x[i:i + batch_size])[2]  # (N, T, C)
-                        for i in range(0, n_windows, batch_size)])
+    if n_windows:
+        x, y = new_windows(n_windows)  # (N, T) each
+        with torch.no_grad():  # the cache: h^0 of every window, computed once
+            hs = torch.cat([forward_hidden(model, x[i:i + batch_size])[2]  # (N, T, C)
+                            for i in range(0, n_windows, batch_size)])
     modules.train().requires_grad_(True)
     opt = torch.optim.AdamW(modules.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     history = []
@@ -836,8 +876,14 @@ def train_mtp_frozen(model: gpt.GPT, modules: nn.ModuleList, tokens: np.ndarray,
     for step in range(steps):
         for g in opt.param_groups:
             g["lr"] = lr * gpt.lr_factor(step, schedule)
-        i = torch.randint(0, n_windows, (batch_size,), generator=gen)
-        loss = torch.stack(mtp_losses(model, modules, hs[i], x[i], y[i], subset)).mean()
+        if n_windows:
+            i = torch.randint(0, n_windows, (batch_size,), generator=gen)
+            hb, xb, yb = hs[i], x[i], y[i]
+        else:
+            xb, yb = new_windows(batch_size)
+            with torch.no_grad():
+                hb = forward_hidden(model, xb)[2]  # (B, T, C)
+        loss = torch.stack(mtp_losses(model, modules, hb, xb, yb, subset)).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(modules.parameters(), 1.0)
@@ -965,16 +1011,19 @@ class DemoConfig:
     top_p: float = 0.95  # the sampled runs' nucleus, applied to p and q alike
     draft_vocab: int = 1024  # drafts score only this many most frequent train tokens (FR-Spec); 0 = all
     compile: bool = True  # also measure the torch.compile'd static decoders (the fast baseline)
+    thin: str = "off"  # static decoders: matmuls computed as (W x^T)^T (thin_linear): off | head | all
     repeats: int = 1  # timed passes over the prompts
     decode_threads: int = 1  # torch threads while decoding (batch-1 decoding of small models: 1 is fastest)
     num_threads: int = 0  # torch threads while training; 0 = torch's default
     frozen_steps: int = 200  # MTP on a frozen model: training steps on its cached hidden states
-    frozen_windows: int = 96  # MTP on a frozen model: train windows whose hidden states are cached
+    frozen_windows: int = 96  # MTP on a frozen model: train windows whose hidden states are cached; 0 = fresh
+    #                           windows every step, each seen once (slower per step, no memorizing)
     frozen_block: int = 128  # MTP on a frozen model: tokens per window
     frozen_lr: float = 3e-3  # MTP on a frozen model: peak learning rate of the modules
     smollm2_draft_vocab: int = 4096  # smollm2: the MTP modules train and draft over this many frequent tokens
     seed: int = 1337  # training seed; prompt i is sampled with seed + i by every method
     plot: str = "auto"  # auto: assets/speculative.png for the default run, out_dir/speculative.png otherwise
+    measure: bool = True  # False: only train (or reuse) the models and print their table, no decoding
 
     def __post_init__(self):
         if not self.gamma_list or min(self.gamma_list) < 1:
@@ -989,11 +1038,16 @@ class DemoConfig:
             raise ValueError("temperature is the sampled runs' (greedy runs always happen): use > 0")
         if self.pair not in ("toy", "smollm2"):
             raise ValueError(f"pair must be toy or smollm2, not {self.pair!r}")
+        if self.thin not in THIN:
+            raise ValueError(f"thin must be one of {', '.join(THIN)}, not {self.thin!r}")
         if self.toy_mtp not in ("frozen", "joint"):
             raise ValueError(f"toy_mtp must be frozen or joint, not {self.toy_mtp!r}")
-        for name in ("frozen_steps", "frozen_windows", "frozen_block"):
+        for name in ("frozen_steps", "frozen_block"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.frozen_windows < 0:
+            raise ValueError(f"frozen_windows must be >= 0 (0: fresh windows every step), got "
+                             f"{self.frozen_windows}")
 
     @property
     def gamma_list(self) -> list[int]:
@@ -1030,18 +1084,18 @@ def demo_models(dc: DemoConfig, log=print) -> dict:
 
 
 def plain_speed(models: dict[str, gpt.GPT], prompts: list[list[int]], N: int, compile: bool,
-                repeats: int) -> dict:
+                repeats: int, thin: str = "off") -> dict:
     """Greedy plain decoding of each model three ways, interleaved: gpt.generate (today's eager decoder),
     the static decoder run eagerly, and compiled. Returns name/decoder -> interleaved()'s record."""
     methods = {}
     for name, model in models.items():
         S = max(map(len, prompts)) + N + 1
-        static = StaticRunner(model, S)
+        static = StaticRunner(model, S, thin=thin)
         methods[f"{name}/generate"] = lambda i, m=model: (gpt.generate(m, prompts[i], N, temperature=0)[0],
                                                           {})
         methods[f"{name}/static"] = lambda i, r=static: (plain_generate(r, prompts[i], N, temperature=0), {})
         if compile:
-            fast = StaticRunner(model, S, compile=True)
+            fast = StaticRunner(model, S, compile=True, thin=thin)
             plain_generate(fast, prompts[0], 4, temperature=0)  # compile before timing
             methods[f"{name}/compiled"] = lambda i, r=fast: (plain_generate(r, prompts[i], N, temperature=0),
                                                              {})
@@ -1071,8 +1125,8 @@ def speculative_runs(dc: DemoConfig, m: dict, prompts: list[list[int]], subset: 
             methods[f"{name}/plain"] = lambda i, model=model: (
                 gpt.generate(model, prompts[i], N, 1, *samp, generator=gen(i))[0], {})
     else:
-        tT = StaticRunner(target, S, compile=True) if draft is not None else None
-        tM = StaticRunner(mtp.main, S, compile=True, want_hidden=True)
+        tT = StaticRunner(target, S, compile=True, thin=dc.thin) if draft is not None else None
+        tM = StaticRunner(mtp.main, S, compile=True, want_hidden=True, thin=dc.thin)
         dd = ModelDrafter(StaticRunner(draft, S, compile=True), subset) if draft is not None else None
         md = MTPDrafter(mtp.main, mtp.mtp, S, subset=subset, compile=True)
         for name, r in (("target", tT), ("mtp", tM)):
@@ -1182,8 +1236,10 @@ def frozen_mtp(model: gpt.GPT, train_tok: np.ndarray, subset: Optional[torch.Ten
         modules.load_state_dict(state["modules"])
         log(f"MTP modules: reusing {path}")
     else:
-        log(f"MTP modules: training {dc.n_mtp} on the frozen model, {dc.frozen_steps} steps over the hidden "
-            f"states of {dc.frozen_windows} x {dc.frozen_block} train tokens -> {path}")
+        data = (f"the cached hidden states of {dc.frozen_windows} x {dc.frozen_block} train tokens"
+                if dc.frozen_windows else f"fresh windows of {dc.frozen_block} train tokens, each seen once")
+        log(f"MTP modules: training {dc.n_mtp} on the frozen model, {dc.frozen_steps} steps over {data} "
+            f"-> {path}")
         t0 = time.time()
         history = train_mtp_frozen(model, modules, train_tok, dc.frozen_steps, dc.frozen_windows,
                                    dc.frozen_block, lr=dc.frozen_lr, seed=dc.seed, subset=subset, log=log)
@@ -1255,7 +1311,7 @@ def measure(dc: DemoConfig, m: dict) -> dict:
 
     # 1. the plain decoders: gpt.generate vs the static decoder, eager and compiled
     t0 = time.time()
-    plain = plain_speed(m["ref_models"], prompts, N, dc.compile, dc.repeats)
+    plain = plain_speed(m["ref_models"], prompts, N, dc.compile, dc.repeats, dc.thin)
     print(f"# plain greedy decoding, batch 1, {dc.decode_threads} thread(s), {dc.n_prompts} prompts x {N} "
           f"tokens ({time.time() - t0:.0f} s incl. compiling)")
     print("| model | decoder | tokens/s | x gpt.generate (wall) | x gpt.generate (CPU time) | "
@@ -1341,6 +1397,9 @@ def main(argv: list[str]) -> dict:
         torch.set_num_threads(dc.num_threads)
     torch.manual_seed(dc.seed)
     m = toy_models(dc) if dc.pair == "toy" else smollm2_models(dc)
+    if not dc.measure:
+        print(f"total {time.time() - t_start:.0f} s")
+        return dict(finals=m.get("finals"))
     out = measure(dc, m)
     documented = gpt.is_default(dc, ("out_dir", "num_threads", "plot", "pair"))
     name = "speculative.png" if dc.pair == "toy" else "speculative_smollm2.png"

@@ -195,18 +195,19 @@ def test_kv_cache_bad_chunk_and_truncate_get_clear_errors():
 
 
 VARIANTS = [dict(), dict(window=4), dict(qk_norm=True, n_kv_head=1), dict(pos_emb="learned"),
-            dict(sinks=True, attn_soft_cap=5.0, attn_impl="naive")]
+            dict(sinks=True, attn_soft_cap=5.0, attn_impl="naive"), dict(mlp="gelu", bias=True)]
 
 
+@pytest.mark.parametrize("thin", S.THIN)
 @pytest.mark.parametrize("variant", VARIANTS,
                          ids=lambda v: ",".join(f"{k}={x}" for k, x in v.items()) or "default")
-def test_static_decoder_equals_gpt_forward(variant):
+def test_static_decoder_equals_gpt_forward(variant, thin):
     """gpt-fast's static decoder (uncompiled here; the demo checks the compiled one's text) gives gpt.py's
-    logits through prefill, one-token steps, a verify chunk and a rollback."""
+    logits through prefill, one-token steps, a verify chunk and a rollback, its matmuls as x W^T or W x^T."""
     model = tiny_model(2, **variant)
     idx = torch.randint(0, 300, (1, 24))
     full, _, h = S.forward_hidden(model, idx)
-    r = S.StaticRunner(model, 32, want_hidden=True)
+    r = S.StaticRunner(model, 32, want_hidden=True, thin=thin)
     logits, hs = zip(r.feed(idx[0, :9].tolist()), r.feed(idx[0, 9:10].tolist()),  # prefill, one token,
                      r.feed(idx[0, 10:14].tolist()))  # a verify chunk
     r.feed([7, 7, 7])  # a rejected draft
@@ -215,6 +216,19 @@ def test_static_decoder_equals_gpt_forward(variant):
     got = torch.cat(list(logits) + [lg for lg, _ in more])
     assert torch.allclose(got, full[0], atol=1e-10)
     assert torch.allclose(torch.cat(list(hs) + [x for _, x in more]), h[0], atol=1e-10)
+
+
+@pytest.mark.parametrize("shape", [(7,), (1, 3, 7), (2, 1, 7)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_thin_linear_equals_linear(shape, bias):
+    """(W x^T)^T is x W^T + b, whatever the leading dims, against a float64 reference."""
+    torch.manual_seed(0)
+    x, w = torch.randn(shape), torch.randn(5, 7)
+    b = torch.randn(5) if bias else None
+    ref = x.double() @ w.double().t() + (b.double() if bias else 0)
+    got = S.thin_linear(x, w, b)
+    assert got.shape == (*shape[:-1], 5) and got.dtype == x.dtype
+    assert torch.allclose(got.double(), ref, atol=1e-5)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -402,7 +416,9 @@ def test_mtp_self_speculation_greedy_and_sampled():
     assert len(out) == 30 and st["drafted"] > 0
 
 
-def test_mtp_on_a_frozen_model_learns_and_leaves_the_model_alone():
+@pytest.mark.parametrize("n_windows", [16, 0], ids=["cached", "fresh"])
+def test_mtp_on_a_frozen_model_learns_and_leaves_the_model_alone(n_windows):
+    """From cached hidden states or from fresh windows every step (n_windows=0)."""
     torch.manual_seed(0)
     model = gpt.GPT(tiny_config(n_layer=1, n_embd=32, vocab_size=300)).eval()
     model.tok_embeddings.weight.data *= 25  # a trained model's scale: the shared head can be sharp
@@ -410,7 +426,7 @@ def test_mtp_on_a_frozen_model_learns_and_leaves_the_model_alone():
     modules = S.mtp_modules(model.cfg, 2)
     cycle = np.random.default_rng(0).choice(300, 7, replace=False)
     tokens = np.tile(cycle, 200).astype(np.uint16)  # t_{i+2} is a function of t_{i+1}: learnable ahead
-    hist = S.train_mtp_frozen(model, modules, tokens, steps=40, n_windows=16, block_size=32, lr=1e-2,
+    hist = S.train_mtp_frozen(model, modules, tokens, steps=40, n_windows=n_windows, block_size=32, lr=1e-2,
                               log=lambda *a: None)
     assert np.mean(hist[-5:]) < 0.5 * np.mean(hist[:5])
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
@@ -441,6 +457,8 @@ def test_bad_input_gets_clear_errors():
         S.MTPConfig(n_mtp=0)
     with pytest.raises(ValueError, match="static cache"):
         S.StaticRunner(target, 8).feed(list(range(9)))
+    with pytest.raises(ValueError, match="thin must be one of"):
+        S.StaticRunner(target, 8, thin="yes")
     assert math.isfinite(S.expected_speedup(0.99, 3, 0.1))
 
 
