@@ -717,6 +717,9 @@ class StaticRunner:
         if cfg.attention != "gqa":
             raise ValueError(f"the static decoder re-implements gpt.py's gqa attention, not "
                              f"attention={cfg.attention!r}: use EagerRunner")
+        if cfg.logit_soft_cap:
+            raise ValueError("the static decoder reads the output head directly and does not soft-cap "
+                             "its logits: use EagerRunner for a model with logit_soft_cap")
         if thin not in THIN:
             raise ValueError(f"thin must be one of {', '.join(THIN)}, not {thin!r}")
         if cfg.pos_emb == "learned" and max_len > cfg.block_size:

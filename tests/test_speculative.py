@@ -459,6 +459,8 @@ def test_bad_input_gets_clear_errors():
         S.StaticRunner(target, 8).feed(list(range(9)))
     with pytest.raises(ValueError, match="thin must be one of"):
         S.StaticRunner(target, 8, thin="yes")
+    with pytest.raises(ValueError, match="soft-cap"):
+        S.StaticRunner(tiny_model(0, logit_soft_cap=30.0), 8)
     assert math.isfinite(S.expected_speedup(0.99, 3, 0.1))
 
 
