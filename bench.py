@@ -169,6 +169,10 @@ def main(argv: list[str]) -> None:
     except ValueError as e:
         sys.exit(f"error: {e}")
     if opts.speedrun:  # one recipe: time it, then train it for the budget
+        last = Path(tc.out_dir) / "speedrun" / "ckpt.pt"
+        if last.exists() and not tc.overwrite:  # say so now, not after the timing
+            sys.exit(f"error: {last} holds the previous speedrun's model (its record is in speedrun.jsonl "
+                     "beside it): add --overwrite=True to replace it, or give another --out_dir")
         speed = throughput(base_cfg, tc, opts.iters, opts.warmup)
         print(json.dumps(dict(bench="train_throughput", config="speedrun", **speed)), flush=True)
         speedrun(base_cfg, speed, tc, opts.speedrun, argv)

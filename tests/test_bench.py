@@ -35,3 +35,5 @@ def test_tiny_speedrun_writes_its_record(tmp_path, capsys):
     assert 0 < run["step_time_s"] <= run["wall_s"]  # the budget counts steps; wall time adds evaluation
     saved = [json.loads(s) for s in (tmp_path / "speedrun" / "speedrun.jsonl").read_text().splitlines()]
     assert len(saved) == 1 and saved[0]["val_bpb"] == run["val_bpb"] and "--speedrun=0.5" in saved[0]["argv"]
+    with pytest.raises(SystemExit, match="previous speedrun"):  # a second run asks before replacing it
+        bench.main(["--speedrun=0.5", f"--out_dir={tmp_path}"] + TINY)
