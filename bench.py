@@ -1,7 +1,7 @@
 """
 bench.py - training throughput of gpt.py's configurations, measured side by side in one run, an
 equal-wall-clock race between the default (Llama-style) config and the nanoGPT-style preset, and the
-speedrun: the best model a fixed budget of training time can buy (records in docs/speedrun.md).
+speedrun: the best model a fixed budget of training time can buy (records in docs/gpt.md).
 
 Run it
     python bench.py                 # tokens/s (and MFU on GPU) as JSON lines, one per configuration
@@ -14,11 +14,13 @@ of one configuration is the median over `--iters` timed training steps after `--
 on random windows of the bundled TinyStories. The race gives each config max_iters = budget / (its
 measured seconds per step), so both get the same compute time and a complete LR schedule.
 
-The speedrun counts its budget the same way: the recipe's seconds per step are measured first, then it
-trains for max_iters = budget / (s per step) steps with its whole LR schedule (warmup keeps its share
-of max_iters), and is scored on the *whole* validation split in bits per byte, which compares across
-tokenizers and model sizes. Evaluation is not counted in the budget. A loaded machine measures slower
-steps and so trains fewer of them: compare records made on one quiet machine.
+The speedrun trains one recipe for `budget` seconds of optimizer-step time (gpt.py's --time_budget):
+the LR schedule is placed by the share of the budget spent, and the run stops when it is spent, so the
+step count is whatever the machine delivers. The recipe's seconds per step are measured first only to
+scale the schedule (max_iters = budget / (s per step), warmup keeps its share of it). The model is
+scored on the *whole* validation split in bits per byte, which compares across tokenizers and model
+sizes. Evaluation is not counted in the budget. A loaded machine trains fewer steps: compare records
+made on one quiet machine.
 """
 
 from __future__ import annotations
@@ -131,18 +133,20 @@ def budget_iters(budget: float, s_per_iter: float) -> int:
 
 
 def speedrun(cfg: gpt.GPTConfig, speed: dict, tc: gpt.TrainConfig, budget: float, argv: list[str]) -> dict:
-    """Train one recipe for `budget` seconds of measured step time; score it on the whole val split.
-    Prints a JSON line (also appended, with the command line `argv`, to out_dir/speedrun/speedrun.jsonl)
-    and a few samples."""
-    iters = budget_iters(budget, speed["s_per_iter"])
-    warmup = round(iters * tc.warmup_iters / tc.max_iters)  # the recipe's warmup share of its schedule
-    run_tc = dataclasses.replace(tc, max_iters=iters, warmup_iters=warmup, stop_at=0,
-                                 eval_interval=max(1, iters // 8), ckpt_interval=iters,
-                                 log_interval=max(1, iters // 10), out_dir=f"{tc.out_dir}/speedrun")
+    """Train one recipe for `budget` seconds of optimizer-step time; score it on the whole val split.
+    The measured s/step only plans the schedule's scale (`planned_iters`); the run stops when the
+    budget is spent. Prints a JSON line (also appended, with the command line `argv`, to
+    out_dir/speedrun/speedrun.jsonl) and a few samples."""
+    planned = budget_iters(budget, speed["s_per_iter"])
+    warmup = round(planned * tc.warmup_iters / tc.max_iters)  # the recipe's warmup share of its schedule
+    run_tc = dataclasses.replace(tc, max_iters=planned, warmup_iters=warmup, stop_at=0, time_budget=budget,
+                                 eval_interval=max(1, planned // 8), ckpt_interval=planned,
+                                 log_interval=max(1, planned // 10), out_dir=f"{tc.out_dir}/speedrun")
     res = gpt.train(cfg, run_tc)
     f = res["final"]
-    row = dict(bench="speedrun", budget_s=budget, s_per_iter=speed["s_per_iter"], iters=iters,
-               warmup_iters=warmup, tokens=iters * tc.batch_size * tc.grad_accum * cfg.block_size,
+    iters = f["iters"]
+    row = dict(bench="speedrun", budget_s=budget, s_per_iter=speed["s_per_iter"], planned_iters=planned,
+               iters=iters, warmup_iters=warmup, tokens=iters * tc.batch_size * tc.grad_accum * cfg.block_size,
                seed=tc.seed, params=res["model"].num_params(), threads=speed["threads"],
                val_loss=round(f["val_loss"], 4), val_bpb=round(f["val_bpb"], 4),
                step_time_s=round(f["step_time"], 1), wall_s=round(f["train_time"], 1), device=speed["device"])

@@ -23,7 +23,7 @@ References
 Run it
     python gpt.py                                   # train the default tiny model (~5 min, 2 CPU cores)
     python gpt.py --preset=nanogpt                  # the GPT-2 / nanoGPT-style baseline
-    python gpt.py --preset=speedrun --max_iters=750 # bench.py's 300-second speedrun recipe (Muon, 4K vocab)
+    python gpt.py --preset=speedrun --time_budget=300  # the speedrun recipe for 300 s of steps (bench.py)
     python gpt.py --sample --ckpt=out/ckpt.pt --prompt="Once upon a time"
     torchrun --standalone --nproc_per_node=2 gpt.py # DDP (gloo on CPU, nccl on GPU)
 
@@ -967,7 +967,7 @@ class TrainConfig:
     data: str = "sample"  # sample: the bundled 7,671 stories | full: download TinyStoriesV2-GPT4
     batch_size: int = 8  # windows per micro-batch *per process*
     grad_accum: int = 1  # micro-batches per optimizer step; global batch = batch_size*grad_accum*world
-    max_iters: int = 600  # optimizer steps (the LR schedule spans exactly these)
+    max_iters: int = 600  # optimizer steps (the LR schedule spans exactly these; see time_budget)
     warmup_iters: int = 60  # linear LR warmup
     lr: float = 6e-3  # peak learning rate (tiny models take high rates; ~3e-4 at GPT-2 small scale)
     min_lr_ratio: float = 0.1  # the schedule ends at lr * min_lr_ratio (Chinchilla, Llama)
@@ -993,6 +993,8 @@ class TrainConfig:
     resume: bool = False  # continue the checkpoint exactly where it stopped
     overwrite: bool = False  # let a new run replace an existing checkpoint (otherwise it refuses)
     stop_at: int = 0  # stop after this many iterations (as if interrupted; the schedule still uses max_iters)
+    time_budget: float = 0.0  # > 0: train for this many seconds of optimizer steps (evaluation excluded):
+    #                           the schedule follows the share of it spent, as if it were max_iters steps
     num_threads: int = 0  # torch CPU threads; 0 = torch's default
     plot: str = "auto"  # loss plot: auto = assets/gpt_loss.png for the documented default run and
     #                     out_dir/loss.png for any other; or a path; or "" for none
@@ -1005,6 +1007,8 @@ class TrainConfig:
         for name in ("warmup_iters", "weight_decay", "grad_clip", "stop_at", "num_threads"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"TrainConfig: {name} must be >= 0, got {getattr(self, name)}")
+        if not (math.isfinite(self.time_budget) and self.time_budget >= 0):
+            raise ValueError(f"TrainConfig: time_budget must be a number of seconds >= 0, got {self.time_budget}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"TrainConfig: lr must be a positive number, got {self.lr}")
         if not (0 <= self.min_lr_ratio <= 1 and 0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
@@ -1040,12 +1044,12 @@ def make_adamw(model: nn.Module, tc: TrainConfig) -> torch.optim.Optimizer:
 OPTIMIZERS: dict[str, Callable[[nn.Module, TrainConfig], torch.optim.Optimizer]] = {"adamw": make_adamw}
 
 
-def lr_factor(it: int, tc: TrainConfig) -> float:
+def lr_factor(it: float, tc: TrainConfig) -> float:
     """Linear warmup to 1, then decay to min_lr_ratio at max_iters: cosine, or WSD (warmup-stable-decay,
     MiniCPM, Hu et al. 2024, arXiv:2404.06395): hold the peak, then fall linearly over the last
     cooldown_frac of the run. WSD needs no fixed horizon until the cooldown starts, and at a short budget
     it spends more steps at the peak rate (Haegele et al. 2024, arXiv:2405.18392, match cosine with a
-    ~20% cooldown)."""
+    ~20% cooldown). Under a time budget `it` is fractional: max_iters * (share of the budget spent)."""
     if it < tc.warmup_iters:
         return (it + 1) / tc.warmup_iters
     if tc.schedule == "wsd":
@@ -1115,12 +1119,37 @@ def unigram_entropy(tokens: np.ndarray, vocab_size: int) -> float:
 # Training
 
 
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep freed memory of every size for reuse; True if it took effect.
+
+    By default glibc serves large allocations (above a threshold that adapts up to 32 MiB) with a fresh
+    mmap and returns them to the kernel on free. A CPU training step allocates and frees the same large
+    buffers every step (the (B*T, V) logits alone are 32 MiB at B*T = 2048, V = 4096), so each step
+    pays the kernel to map, fault in and zero those pages again, 4 KiB at a time: a large share of a
+    small model's step on a CPU (measured in docs/gpt.md, the speedrun track). Raising the mmap
+    and trim thresholds (mallopt M_MMAP_THRESHOLD = -3, M_TRIM_THRESHOLD = -1) keeps the pages in the
+    heap for the next step; the arithmetic is unchanged, the process keeps its peak memory.
+    Linux/glibc only; a no-op elsewhere. PyTorch's own advice is a caching allocator (jemalloc or
+    tcmalloc through LD_PRELOAD); this needs nothing installed."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(-3, 1 << 30)) and bool(libc.mallopt(-1, 1 << 30))
+    except (OSError, AttributeError):  # musl or another libc: keep its defaults
+        return False
+
+
 def setup_distributed(tc: TrainConfig) -> tuple[int, int, torch.device]:
-    """(rank, world_size, device). Under torchrun: init the process group (nccl on GPU, gloo on CPU)."""
+    """(rank, world_size, device). Under torchrun: init the process group (nccl on GPU, gloo on CPU).
+    On CPU it also keeps freed memory for reuse (keep_freed_memory)."""
     if tc.device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     else:
         device = tc.device
+    if device == "cpu":
+        keep_freed_memory()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     if world > 1:
@@ -1155,6 +1184,9 @@ def train(cfg: GPTConfig, tc: TrainConfig, verbose: bool = True, *, model: Optio
                cfg.vocab_size; evaluation and the default batches then use its token ids.
       val_tokens: the token stream to evaluate on, instead of the whole valid split.
     """
+    if tc.time_budget and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("time_budget needs a single process: each rank's clock would end the run at a "
+                         "different step; give DDP runs --max_iters")
     rank, world, device = setup_distributed(tc)
     master = rank == 0
     log = (lambda *a: print(*a, flush=True)) if verbose and master else (lambda *a: None)
@@ -1179,7 +1211,11 @@ def train(cfg: GPTConfig, tc: TrainConfig, verbose: bool = True, *, model: Optio
     model = model.to(device)
     optimizer = make_optimizer(model, tc)
     data_gen = torch.Generator().manual_seed(tc.seed)
-    start, history = 0, []
+    start, history, t_train = 0, [], 0.0  # t_train: seconds spent in optimizer steps, evaluation excluded
+
+    def finished(done: int) -> bool:  # the schedule is complete: max_iters steps, or the time budget spent
+        return t_train >= tc.time_budget if tc.time_budget else done >= tc.max_iters
+
     if tc.resume:
         state = read_checkpoint(ckpt_path, map_location=device)
         if state["model_config"] != dataclasses.asdict(cfg):
@@ -1191,9 +1227,10 @@ def train(cfg: GPTConfig, tc: TrainConfig, verbose: bool = True, *, model: Optio
         if state["rng"]["cuda"] and device.type == "cuda":
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         start, history = state["iter"], state["history"]
-        if start >= tc.max_iters:
-            log(f"nothing to do: {ckpt_path} is at iteration {start} = max_iters; "
-                "raise --max_iters to continue")
+        t_train = history[-1].get("train_time", 0.0) if history else 0.0
+        if finished(start):
+            log(f"nothing to do: {ckpt_path} is at iteration {start}, the end of its schedule; "
+                "raise --max_iters (or --time_budget) to continue")
             return dict(model=model, tokenizer=enc, optimizer=optimizer, history=history, final={})
         log(f"resumed from {ckpt_path} at iteration {start}")
     raw_model = model
@@ -1227,11 +1264,11 @@ def train(cfg: GPTConfig, tc: TrainConfig, verbose: bool = True, *, model: Optio
                         rank, world, autocast)
 
     model.train()
-    stop = min(tc.stop_at or tc.max_iters, tc.max_iters)  # stop < max_iters simulates an interruption
-    t_start = time.time()
-    t_train = history[-1].get("train_time", 0.0) if history else 0.0  # seconds in steps, no evaluation
-    t_last, it = time.time(), start
-    for it in range(start, stop):
+    t_start = t_last = time.time()
+    done = start
+    # stop_at ends the run early, as an interruption would; the schedule still spans the whole run
+    while not finished(done) and not (tc.stop_at and done >= tc.stop_at):
+        it = done
         if it % tc.eval_interval == 0:
             t_eval = time.time()
             ev = run_eval(tc.eval_tokens)
@@ -1242,7 +1279,8 @@ def train(cfg: GPTConfig, tc: TrainConfig, verbose: bool = True, *, model: Optio
                 "val tokens)" + "".join(f", {k} {v:.4g}" for k, v in extra.items()))
             t_last += time.time() - t_eval  # keep evaluation out of the tokens/s figure
         t_step = time.time()
-        lr_f = lr_factor(it, tc)
+        # a time budget places the schedule by the share of the budget spent, as if it were max_iters steps
+        lr_f = lr_factor(tc.max_iters * min(1.0, t_train / tc.time_budget) if tc.time_budget else it, tc)
         for g in optimizer.param_groups:
             g["lr"] = g["initial_lr"] * lr_f
         xs, ys = batches(data_gen, tc.batch_size, tc.grad_accum, world, rank)  # (accum, micro, T)
@@ -1270,7 +1308,8 @@ def train(cfg: GPTConfig, tc: TrainConfig, verbose: bool = True, *, model: Optio
             raw_model.after_optimizer_step()
         t_train += time.time() - t_step
         done = it + 1
-        if done % tc.log_interval == 0 or done == stop:
+        last = finished(done) or done == tc.stop_at
+        if done % tc.log_interval == 0 or last:
             train_loss = loss_sum / tc.grad_accum
             if world > 1:
                 t = torch.tensor([train_loss], device=device)
@@ -1279,30 +1318,31 @@ def train(cfg: GPTConfig, tc: TrainConfig, verbose: bool = True, *, model: Optio
             dt = time.time() - t_last
             steps = tc.log_interval if done % tc.log_interval == 0 else done % tc.log_interval
             tok_s = steps * tokens_per_iter / dt
-            eta = (tc.max_iters - done) * dt / steps
+            eta = max(0.0, tc.time_budget - t_train) if tc.time_budget else (tc.max_iters - done) * dt / steps
             mfu = f" | mfu {flops_per_token * tok_s / peak:.1%}" if peak else ""
-            log(f"iter {done}/{tc.max_iters} | loss {train_loss:.4f} | lr {tc.lr * lr_f:.2e} | "
+            of = f" ({t_train:.0f}/{tc.time_budget:.0f} s)" if tc.time_budget else f"/{tc.max_iters}"
+            log(f"iter {done}{of} | loss {train_loss:.4f} | lr {tc.lr * lr_f:.2e} | "
                 f"{tok_s / 1e3:.1f}k tok/s | ETA {int(eta // 60)}m{int(eta % 60):02d}s{mfu}")
             history.append(dict(iter=done, train_loss=train_loss, time=time.time() - t_start,
                                 train_time=t_train, tok_s=tok_s))
             t_last = time.time()
-        if master and done < tc.max_iters and (done % tc.ckpt_interval == 0 or done == stop):
+        if master and not finished(done) and (done % tc.ckpt_interval == 0 or last):
             save_checkpoint(ckpt_path, raw_model, optimizer, cfg, tc, kept, done, data_gen, history)
     final = {}
-    if stop == tc.max_iters:  # finished the schedule in this run
+    if finished(done):  # finished the schedule in this run
         ev = run_eval(0)  # the whole validation split
-        extra = probe(raw_model, tc.max_iters) if probe is not None else {}
+        extra = probe(raw_model, done) if probe is not None else {}
         final = dict(val_loss=ev["loss"], val_bpb=ev["bpb"], val_tokens=ev["tokens"],
                      unigram_loss=unigram_entropy(np.asarray(val_tokens), enc.n_vocab),
-                     train_time=time.time() - t_start, step_time=t_train, iters=tc.max_iters, **extra)
-        history.append(dict(iter=tc.max_iters, val_loss=ev["loss"], val_bpb=ev["bpb"],
+                     train_time=time.time() - t_start, step_time=t_train, iters=done, **extra)
+        history.append(dict(iter=done, val_loss=ev["loss"], val_bpb=ev["bpb"],
                             val_tokens=ev["tokens"], time=time.time() - t_start, train_time=t_train,
                             whole_split=True, **extra))
         log(f"final: val loss {ev['loss']:.4f} nats/token ({ev['bpb']:.4f} bits/byte) over the whole val "
             f"split ({ev['tokens']:,} next-token targets); unigram baseline {final['unigram_loss']:.4f}; "
             f"{final['train_time']:.0f}s" + "".join(f"; {k} {v:.4g}" for k, v in extra.items()))
         if master:
-            save_checkpoint(ckpt_path, raw_model, optimizer, cfg, tc, kept, tc.max_iters, data_gen, history)
+            save_checkpoint(ckpt_path, raw_model, optimizer, cfg, tc, kept, done, data_gen, history)
     return dict(model=raw_model, tokenizer=enc, optimizer=optimizer, history=history, final=final)
 
 
