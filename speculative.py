@@ -31,6 +31,8 @@ Run it
     python speculative.py --gammas=1,2,4 --n_prompts=2 --compile=false   # a quicker look
     python speculative.py --pair=smollm2 --max_new_tokens=48 --frozen_steps=150   # SmolLM2-135M, MTP draft
     python speculative.py --toy_mtp=joint    # the toy MTP modules trained jointly with a second target
+    python speculative.py --target_ckpt=out/t/ckpt.pt --draft_ckpt=out/d/ckpt.pt --out_dir=out/td
+                                             # a pair trained by gpt.py first (same --vocab_size)
     python speculative.py --help             # every option
 
 Not covered: tree drafts (SpecInfer, Medusa, EAGLE-2), batched speculative decoding (each row accepts a
