@@ -31,6 +31,8 @@ Run it
     python speculative.py --gammas=1,2,4 --n_prompts=2 --compile=false   # a quicker look
     python speculative.py --pair=smollm2 --max_new_tokens=48 --frozen_steps=150   # SmolLM2-135M, MTP draft
     python speculative.py --toy_mtp=joint    # the toy MTP modules trained jointly with a second target
+    python speculative.py --target_ckpt=out/t/ckpt.pt --draft_ckpt=out/d/ckpt.pt --out_dir=out/td
+                                             # a pair trained by gpt.py first (same --vocab_size)
     python speculative.py --help             # every option
 
 Not covered: tree drafts (SpecInfer, Medusa, EAGLE-2), batched speculative decoding (each row accepts a
@@ -1002,6 +1004,8 @@ class DemoConfig:
     toy_mtp: str = "frozen"  # toy: frozen = modules trained on top of the trained target (see frozen_*) |
     #                          joint = a second target trained with MTP from scratch (same steps and data)
     mtp_lambda: float = 0.3  # joint: lambda of DeepSeek-V3 eq. 25
+    target_ckpt: str = ""  # toy: a finished gpt.py checkpoint as the target instead of training one here
+    draft_ckpt: str = ""  # toy: a finished gpt.py checkpoint as the draft (same tokenizer as the target)
     iters: int = 300  # training steps of the target (and of the joint MTP model)
     draft_iters: int = 300  # training steps of the draft
     lr: float = 6e-3  # peak learning rate of all three (gpt.py's default)
@@ -1045,6 +1049,12 @@ class DemoConfig:
             raise ValueError(f"thin must be one of {', '.join(THIN)}, not {self.thin!r}")
         if self.toy_mtp not in ("frozen", "joint"):
             raise ValueError(f"toy_mtp must be frozen or joint, not {self.toy_mtp!r}")
+        if (self.target_ckpt or self.draft_ckpt) and self.pair != "toy":
+            raise ValueError("target_ckpt and draft_ckpt choose the toy pair's models: use them with "
+                             "--pair=toy")
+        if self.target_ckpt and self.toy_mtp == "joint":
+            raise ValueError("--toy_mtp=joint trains its own target with the MTP modules: drop --target_ckpt "
+                             "(the given target gets MTP modules with --toy_mtp=frozen)")
         for name in ("frozen_steps", "frozen_block"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -1060,6 +1070,23 @@ class DemoConfig:
             return []
 
 
+def checkpoint_model(name: str, path: str, log=print) -> tuple[gpt.GPT, list[int], dict]:
+    """A model trained elsewhere (e.g. `python gpt.py --preset=speedrun ...`): the model (eval mode, frozen),
+    its tokenizer's kept GPT-2 ranks and its final whole-split figures (only a finished run has those).
+    gpt.load_model's steps without its tokenizer: the pair builds one tokenizer, once both agree on it."""
+    state = gpt.read_checkpoint(path)
+    final = next((h for h in reversed(state["history"]) if h.get("whole_split")), None)
+    if final is None:
+        raise ValueError(f"{name} checkpoint {path} has no final evaluation of the whole validation split "
+                         f"(stopped at iteration {state['iter']}): finish its training first")
+    model = gpt.GPT(gpt.model_config_from_dict(state["model_config"]))
+    model.load_state_dict(state["model"])
+    log(f"{name}: {path} ({model.cfg.n_layer} layers, C={model.cfg.n_embd}, V={model.cfg.vocab_size}, "
+        f"trained {state['iter']} steps elsewhere; val loss {final['val_loss']:.4f})")
+    kept = sorted(state["tokenizer"]["kept_gpt2_ranks"])
+    return model.eval().requires_grad_(False), kept, dict(final, train_time=final["time"])
+
+
 def demo_models(dc: DemoConfig, log=print) -> dict:
     """Train (or reuse) the target, the draft and the target's MTP modules: trained on top of the frozen
     target (toy_mtp=frozen), or a second target trained jointly with them (joint, same recipe + MTP)."""
@@ -1071,17 +1098,29 @@ def demo_models(dc: DemoConfig, log=print) -> dict:
     draft_cfg = gpt.GPTConfig(n_layer=dc.draft_layers, n_embd=dc.draft_embd)
     out = Path(dc.out_dir)
     run = lambda name, **kw: dataclasses.replace(tc, out_dir=str(out / name), **kw)  # noqa: E731
-    target, f_t = train_or_load("target", target_cfg, run("target"), log=log)
-    draft, f_d = train_or_load("draft", draft_cfg, run("draft", max_iters=dc.draft_iters,
-                                                       warmup_iters=max(1, dc.draft_iters // 10)), log=log)
-    enc = gpt.build_tokenizer(target_cfg.vocab_size)[0]
+    if dc.target_ckpt:
+        target, kept_t, f_t = checkpoint_model("target", dc.target_ckpt, log)
+    else:
+        target, f_t = train_or_load("target", target_cfg, run("target"), log=log)
+        kept_t = gpt.build_tokenizer(target_cfg.vocab_size)[1]
+    if dc.draft_ckpt:
+        draft, kept_d, f_d = checkpoint_model("draft", dc.draft_ckpt, log)
+    else:
+        draft_tc = run("draft", max_iters=dc.draft_iters, warmup_iters=max(1, dc.draft_iters // 10))
+        draft, f_d = train_or_load("draft", draft_cfg, draft_tc, log=log)
+        kept_d = gpt.build_tokenizer(draft_cfg.vocab_size)[1]
+    if sorted(kept_t) != sorted(kept_d):
+        raise ValueError(f"the draft's tokenizer ({len(kept_d)} tokens) is not the target's ({len(kept_t)}): "
+                         "train both with the same --vocab_size")
+    enc = gpt.tokenizer_from_ranks(kept_t)
     val = gpt.load_tokens("valid", enc)
     if dc.toy_mtp == "joint":
         mtp_cfg = MTPConfig(**base, n_mtp=dc.n_mtp, mtp_lambda=dc.mtp_lambda)
         probe = lambda model, it: mtp_val_losses(model, val)  # noqa: E731
         mtp, f_m = train_or_load("MTP model", mtp_cfg, run("mtp"), mtp=True, probe=probe, log=log)
     else:  # the softmax over all V: V is small here, and the depth losses compare with joint training's
-        mtp = frozen_mtp(target, gpt.load_tokens("train", enc), None, dc, out / "mtp_frozen.pt", log)
+        mtp = frozen_mtp(target, gpt.load_tokens("train", enc), None, dc, out / "mtp_frozen.pt", log,
+                         dc.target_ckpt)
         f_m = dict(f_t, **mtp_val_losses(mtp, val))  # the main model is the target itself
     return dict(target=target, mtp=mtp, draft=draft, enc=enc, finals=dict(target=f_t, mtp=f_m, draft=f_d))
 
@@ -1227,11 +1266,14 @@ def plot_demo(rows: list[dict], path: Path, dc: DemoConfig) -> None:
 
 
 def frozen_mtp(model: gpt.GPT, train_tok: np.ndarray, subset: Optional[torch.Tensor], dc: DemoConfig,
-               path: Path, log=print) -> FrozenMTP:
+               path: Path, log=print, model_name: str = "") -> FrozenMTP:
     """D MTP modules trained on top of the frozen model from its cached hidden states (train_mtp_frozen),
-    the softmax over `subset`; reused from `path` when trained with the same settings."""
+    the softmax over `subset`; reused from `path` when trained with the same settings (and on the same
+    model_name, when given: a checkpoint's path)."""
     key = dict(n_mtp=dc.n_mtp, steps=dc.frozen_steps, windows=dc.frozen_windows, block=dc.frozen_block,
                lr=dc.frozen_lr, subset=None if subset is None else len(subset), seed=dc.seed)
+    if model_name:
+        key["model"] = str(model_name)
     torch.manual_seed(dc.seed)
     modules = mtp_modules(model.cfg, dc.n_mtp)
     state = torch.load(path, weights_only=True) if path.exists() else {}
@@ -1349,7 +1391,7 @@ def measure(dc: DemoConfig, m: dict) -> dict:
     print("\n| draft | alpha, greedy | alpha, " + f"T={dc.temperature} top_p={dc.top_p} |\n|---|---|---|")
     if m["draft"] is not None:
         a_d = alphas[("draft", 0.0)][0], alphas[("draft", dc.temperature)][0]
-        print(f"| {dc.draft_layers}-layer draft model | {a_d[0]:.3f} | {a_d[1]:.3f} |")
+        print(f"| {m['draft'].cfg.n_layer}-layer draft model | {a_d[0]:.3f} | {a_d[1]:.3f} |")
     for k in range(dc.n_mtp):
         print(f"| MTP depth {k + 1} (given depths < {k + 1} accepted) | {alphas[('mtp', 0.0)][k]:.3f} | "
               f"{alphas[('mtp', dc.temperature)][k]:.3f} |")

@@ -501,3 +501,39 @@ def test_greedy_speculative_with_an_mla_target(window):
         out, st = S.speculative_generate(*pair, prompt, 30, 3, temperature=0)
         assert out == ref and 0 < st["drafted"]
     assert st["accepted"] == st["drafted"]  # the target drafting for itself
+
+
+
+def test_demo_decodes_checkpoints_trained_elsewhere(tmp_path):
+    """--target_ckpt / --draft_ckpt: the toy demo takes gpt.py checkpoints as they are (weights untouched,
+    MTP modules trained on top of the given target), and refuses an unfinished run, a draft with another
+    tokenizer, and a given target with jointly trained MTP."""
+    kept = gpt.build_tokenizer(tiny_config().vocab_size)[1]
+
+    def ckpt(name: str, finished: bool = True, **kw) -> str:
+        torch.manual_seed(len(name))
+        cfg = tiny_config(**kw)
+        model = gpt.GPT(cfg)
+        history = [dict(iter=3, val_loss=5.0, val_bpb=2.0, time=1.0, whole_split=True)] if finished else []
+        path = tmp_path / name / "ckpt.pt"  # as gpt.train writes it (at its end when finished)
+        gpt.save_checkpoint(path, model, torch.optim.SGD(model.parameters(), lr=0.1), cfg, gpt.TrainConfig(),
+                            kept if cfg.vocab_size != 50257 else list(range(50256)), 3, torch.Generator(),
+                            history)
+        return str(path)
+
+    target, draft = ckpt("target"), ckpt("draft", n_layer=1)
+    dc = S.DemoConfig(target_ckpt=target, draft_ckpt=draft, out_dir=str(tmp_path / "demo"), frozen_steps=2,
+                      frozen_windows=8, frozen_block=32)
+    m = S.demo_models(dc, log=lambda *a: None)
+    for name, path in (("target", target), ("draft", draft)):
+        ref = torch.load(path, weights_only=True)["model"]
+        assert all(torch.equal(v, ref[k]) for k, v in m[name].state_dict().items())
+    assert m["mtp"].main is m["target"] and m["draft"].cfg.n_layer == 1 and len(m["mtp"].mtp) == dc.n_mtp
+    assert m["finals"]["target"]["val_loss"] == 5.0
+    with pytest.raises(ValueError, match="finish its training"):
+        S.checkpoint_model("draft", ckpt("half", finished=False), log=lambda *a: None)
+    with pytest.raises(ValueError, match="tokenizer"):
+        S.demo_models(S.DemoConfig(**{**vars(dc), "draft_ckpt": ckpt("other", n_layer=1, vocab_size=50257)}),
+                      log=lambda *a: None)
+    with pytest.raises(ValueError, match="joint"):
+        S.DemoConfig(target_ckpt=target, toy_mtp="joint")
