@@ -585,7 +585,7 @@ def test_cli_overrides_and_presets():
     with pytest.raises(ValueError, match="known presets"):
         gpt.parse_args(["--preset=gpt5"])
     cfg, tc, _, _ = gpt.parse_args(["--preset=speedrun", "--lr=1e-3"])  # model + training fields, flags win
-    assert (cfg.vocab_size, tc.optimizer, tc.lr, tc.qk_clip_tau) == (4096, "muon", 1e-3, 0.0)
+    assert (cfg.vocab_size, cfg.n_embd, tc.optimizer, tc.lr, tc.qk_clip_tau) == (4096, 96, "muon", 1e-3, 0.0)
 
 
 @pytest.mark.parametrize("kw,msg", [
