@@ -146,7 +146,8 @@ def speedrun(cfg: gpt.GPTConfig, speed: dict, tc: gpt.TrainConfig, budget: float
     f = res["final"]
     iters = f["iters"]
     row = dict(bench="speedrun", budget_s=budget, s_per_iter=speed["s_per_iter"], planned_iters=planned,
-               iters=iters, warmup_iters=warmup, tokens=iters * tc.batch_size * tc.grad_accum * cfg.block_size,
+               iters=iters, warmup_iters=warmup,
+               tokens=iters * tc.batch_size * tc.grad_accum * cfg.block_size,
                seed=tc.seed, params=res["model"].num_params(), threads=speed["threads"],
                val_loss=round(f["val_loss"], 4), val_bpb=round(f["val_bpb"], 4),
                step_time_s=round(f["step_time"], 1), wall_s=round(f["train_time"], 1), device=speed["device"])

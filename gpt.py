@@ -1009,7 +1009,8 @@ class TrainConfig:
             if not getattr(self, name) >= 0:
                 raise ValueError(f"TrainConfig: {name} must be >= 0, got {getattr(self, name)}")
         if not (math.isfinite(self.time_budget) and self.time_budget >= 0):
-            raise ValueError(f"TrainConfig: time_budget must be a number of seconds >= 0, got {self.time_budget}")
+            raise ValueError(f"TrainConfig: time_budget must be a number of seconds >= 0, "
+                             f"got {self.time_budget}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"TrainConfig: lr must be a positive number, got {self.lr}")
         if not (0 <= self.min_lr_ratio <= 1 and 0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
@@ -1309,8 +1310,8 @@ def train(cfg: GPTConfig, tc: TrainConfig, verbose: bool = True, *, model: Optio
             raw_model.after_optimizer_step()
         t_train += time.time() - t_step
         done = it + 1
-        last = finished(done) or done == tc.stop_at
-        if done % tc.log_interval == 0 or last:
+        ending = finished(done) or done == tc.stop_at
+        if done % tc.log_interval == 0 or ending:
             train_loss = loss_sum / tc.grad_accum
             if world > 1:
                 t = torch.tensor([train_loss], device=device)
@@ -1327,7 +1328,7 @@ def train(cfg: GPTConfig, tc: TrainConfig, verbose: bool = True, *, model: Optio
             history.append(dict(iter=done, train_loss=train_loss, time=time.time() - t_start,
                                 train_time=t_train, tok_s=tok_s))
             t_last = time.time()
-        if master and not finished(done) and (done % tc.ckpt_interval == 0 or last):
+        if master and not finished(done) and (done % tc.ckpt_interval == 0 or ending):
             save_checkpoint(ckpt_path, raw_model, optimizer, cfg, tc, kept, done, data_gen, history)
     final = {}
     if finished(done):  # finished the schedule in this run

@@ -528,7 +528,8 @@ def test_time_budget_stops_when_spent_and_places_the_schedule_by_time(tmp_path, 
     # step i runs at schedule position max_iters * (i * step_s / budget): the last at 20 * (steps - 1) / steps
     last_lr = res["optimizer"].param_groups[0]["lr"]
     assert last_lr == pytest.approx(tc.lr * gpt.lr_factor(20 * (steps - 1) / steps, tc))
-    resumed = gpt.train(tiny_config(), dataclasses.replace(tc, resume=True), verbose=False, val_tokens=short_val)
+    resumed = gpt.train(tiny_config(), dataclasses.replace(tc, resume=True), verbose=False,
+                        val_tokens=short_val)
     assert resumed["final"] == {}  # a spent budget has nothing left to do
 
 
