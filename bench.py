@@ -32,6 +32,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -58,9 +59,11 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def throughput(cfg: gpt.GPTConfig, tc: gpt.TrainConfig, iters: int, warmup: int) -> dict:
+def throughput(cfg: gpt.GPTConfig, tc: gpt.TrainConfig, iters: int, warmup: int,
+               clock: Callable[[], float] = time.perf_counter) -> dict:
     """Median seconds and tokens/s of full optimizer steps (grad_accum forward/backward passes, clip,
-    the optimizer) of one config, with gpt.train's threads, dtype and optimizer."""
+    the optimizer) of one config, with gpt.train's threads, dtype and optimizer. `clock` = wall time;
+    time.process_time gives CPU seconds, which other jobs on a shared machine disturb less."""
     _, _, device = gpt.setup_distributed(tc)
     if tc.num_threads:
         torch.set_num_threads(tc.num_threads)
@@ -77,7 +80,7 @@ def throughput(cfg: gpt.GPTConfig, tc: gpt.TrainConfig, iters: int, warmup: int)
         offs = gpt.batch_offsets(gen, len(tokens), cfg.block_size, tc.batch_size, tc.grad_accum, 1, 0)
         batches = [[t.to(device) for t in gpt.get_batch(tokens, o, cfg.block_size)] for o in offs]
         sync(device)
-        t0 = time.perf_counter()
+        t0 = clock()
         for x, y in batches:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 _, loss = step_model(x, y)
@@ -88,7 +91,7 @@ def throughput(cfg: gpt.GPTConfig, tc: gpt.TrainConfig, iters: int, warmup: int)
         opt.zero_grad(set_to_none=True)
         sync(device)
         if i >= warmup:
-            times.append(time.perf_counter() - t0)
+            times.append(clock() - t0)
     dt = statistics.median(times)
     tok_s = tc.batch_size * tc.grad_accum * cfg.block_size / dt
     out = dict(params=model.num_params(), s_per_iter=round(dt, 4), tokens_per_s=round(tok_s),
