@@ -1072,19 +1072,16 @@ class DemoConfig:
 
 def checkpoint_model(name: str, path: str, log=print) -> tuple[gpt.GPT, list[int], dict]:
     """A model trained elsewhere (e.g. `python gpt.py --preset=speedrun ...`): the model (eval mode, frozen),
-    its tokenizer's kept GPT-2 ranks and its final whole-split figures (only a finished run has those).
-    gpt.load_model's steps without its tokenizer: the pair builds one tokenizer, once both agree on it."""
-    state = gpt.read_checkpoint(path)
+    its tokenizer's kept GPT-2 ranks and its final whole-split figures (only a finished run has those)."""
+    model, _, state = gpt.load_model(path)
     final = next((h for h in reversed(state["history"]) if h.get("whole_split")), None)
     if final is None:
         raise ValueError(f"{name} checkpoint {path} has no final evaluation of the whole validation split "
                          f"(stopped at iteration {state['iter']}): finish its training first")
-    model = gpt.GPT(gpt.model_config_from_dict(state["model_config"]))
-    model.load_state_dict(state["model"])
     log(f"{name}: {path} ({model.cfg.n_layer} layers, C={model.cfg.n_embd}, V={model.cfg.vocab_size}, "
         f"trained {state['iter']} steps elsewhere; val loss {final['val_loss']:.4f})")
     kept = sorted(state["tokenizer"]["kept_gpt2_ranks"])
-    return model.eval().requires_grad_(False), kept, dict(final, train_time=final["time"])
+    return model.requires_grad_(False), kept, dict(final, train_time=final["time"])
 
 
 def demo_models(dc: DemoConfig, log=print) -> dict:
