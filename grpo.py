@@ -301,10 +301,11 @@ def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor, ref_logps: Optional[
 
 # -----------------------------------------------------------------------------------------------
 # Rollouts. A batch of prompts is answered G times each by dpo.sample_completions (KV-cache decoding,
-# every (prompt, answer) pair a row of one batch). Then one teacher-forced forward in the training layout
+# every (prompt, answer) pair a row of one batch). Then a teacher-forced forward in the training layout
 # gives the per-token log-probs of the sampling policy, old_logps: the same weights that sampled, so the
-# first inner step has rho = 1 up to float rounding (a separate inference engine, as in large-scale RL,
-# makes this mismatch a real problem; here there is none to speak of).
+# first inner step has rho = 1 (a separate inference engine, as in large-scale RL, makes this mismatch a
+# real problem; here there is none to speak of). The training loop gets them from its first inner step's
+# own forward; rollout_batch computes them separately, as the reference the tests pin that against.
 # An answer that ended keeps its <|endoftext|>: stopping is an action the policy takes and is rewarded for.
 
 
@@ -344,20 +345,49 @@ def score_groups(groups: list[dict], enc, reward_fn: Callable[..., float], parti
         g["success"] = [lora.verify(t, g["task"].words, e) for t, e in zip(g["texts"], g["ended"])]
 
 
+def length_chunks(mask: torch.Tensor, rows: int, unit: int = 1) -> list[tuple[torch.Tensor, int]]:
+    """The batch's forward/backward chunks: (row indices, columns), at most `rows` rows each. Rows are
+    sorted by where their answer ends (`unit` consecutive rows stay together: DPO's chosen/rejected pairs)
+    and each chunk is cut to the columns its longest answer needs, so the right padding of a batch whose
+    answers run from 20 to 240 tokens is mostly never computed. The loss weights sum over the whole batch,
+    so the chunks' losses add up to the same total in any order."""
+    N, T = mask.shape
+    if N % unit:
+        raise ValueError(f"{N} rows do not split into units of {unit} (DPO's rows come in pairs)")
+    end = T - torch.argmax(mask.flip(1), 1)  # (N,): one past each row's last target (T for an empty row)
+    order = torch.argsort(end.view(-1, unit).amax(1), stable=True)  # units, shortest first
+    idx = (order[:, None] * unit + torch.arange(unit)).flatten()  # (N,) rows, units kept together
+    return [(r, int(end[r].max())) for r in idx.split(rows)]
+
+
 @torch.no_grad()
-def rollout_batch(policy: gpt.GPT, groups: list[dict], pad: int, temperature: float, micro_rows: int
-                  ) -> dict:
+def chunked_logps(model: gpt.GPT, tokens: torch.Tensor, chunks: list[tuple[torch.Tensor, int]],
+                  temperature: float) -> torch.Tensor:
+    """token_logps (N, T-1) of a whole batch without gradient, computed chunk by chunk (zeros past each
+    chunk's columns: only padding lies there)."""
+    was_training = model.training
+    model.eval()
+    out = torch.zeros(tokens.size(0), tokens.size(1) - 1)
+    for rows, cols in chunks:
+        out[rows, :cols] = token_logps(model, tokens[rows, :cols + 1], temperature)
+    model.train(was_training)
+    return out
+
+
+def rollout_batch(policy: gpt.GPT, groups: list[dict], pad: int, temperature: float, micro_rows: int,
+                  with_old: bool = True) -> dict:
     """The training batch of `groups`: tokens (N, T), mask (N, T-1) of answer targets, group ids (N,),
-    rewards (N,), and old_logps (N, T-1), the sampling policy's per-token log-probs (no gradient)."""
+    rewards (N,), and old_logps (N, T-1), the sampling policy's per-token log-probs (no gradient).
+    with_old=False leaves old_logps out: train_rl takes them from its first inner step's forward, which
+    runs the same weights on the same tokens (one forward of the batch saved)."""
     prompts = [g["prompt"] for g in groups for _ in g["answers"]]
     tokens, mask, lengths = dpo.pack(prompts, [a for g in groups for a in g["answers"]], pad)
-    was_training = policy.training
-    policy.eval()
-    old = torch.cat([token_logps(policy, t, temperature) for t in tokens.split(micro_rows)])  # (N, T-1)
-    policy.train(was_training)
-    return dict(tokens=tokens, mask=mask, lengths=lengths, old_logps=old * mask,
-                group=torch.tensor([k for k, g in enumerate(groups) for _ in g["answers"]]),
-                rewards=torch.tensor([r for g in groups for r in g["rewards"]], dtype=torch.float32))
+    batch = dict(tokens=tokens, mask=mask, lengths=lengths,
+                 group=torch.tensor([k for k, g in enumerate(groups) for _ in g["answers"]]),
+                 rewards=torch.tensor([r for g in groups for r in g["rewards"]], dtype=torch.float32))
+    if with_old:
+        batch["old_logps"] = chunked_logps(policy, tokens, length_chunks(mask, micro_rows), temperature) * mask
+    return batch
 
 
 # -----------------------------------------------------------------------------------------------
@@ -436,19 +466,18 @@ def train_rl(policy: gpt.GPT, ref: gpt.GPT, tasks: list[lora.Instruction], enc, 
                 "no update")
             continue
 
-        # 2. The batch: old and reference log-probs per token (constants), advantages per answer.
-        batch = rollout_batch(policy, groups, eot, cfg.temperature, cfg.micro_rows)
+        # 2. The batch: reference log-probs per token (constants), advantages per answer. The sampling
+        # policy's log-probs (old_logps) come from the first inner step's forward: nothing has changed
+        # the weights since sampling, so that forward is pi_old's, and its ratio is exactly 1.
+        batch = rollout_batch(policy, groups, eot, cfg.temperature, cfg.micro_rows, with_old=False)
         tokens, mask = batch["tokens"], batch["mask"]
-        with torch.no_grad():
-            ref_logps = torch.cat([token_logps(ref, t, cfg.temperature)
-                                   for t in tokens.split(cfg.micro_rows)])  # (N, T-1)
-        # KL(pi_old || pi_ref) per token on the answers just sampled: the policy's distance from the start
-        h["kl"] = float((k3_kl(batch["old_logps"], ref_logps) * mask).sum() / mask.sum())
-        if method == "dpo":  # rows alternate chosen, rejected
-            adv, chunk = None, max(2, cfg.micro_rows - cfg.micro_rows % 2)
+        if method == "dpo":  # rows alternate chosen, rejected: chunks keep each pair together
+            adv, chunks = None, length_chunks(mask, max(2, cfg.micro_rows - cfg.micro_rows % 2), unit=2)
         else:
             adv = group_advantages(batch["rewards"].view(len(groups), G), cfg.adv).flatten()  # (N,)
-            chunk = cfg.micro_rows
+            chunks = length_chunks(mask, cfg.micro_rows)
+        ref_logps = chunked_logps(ref, tokens, chunks, cfg.temperature)  # (N, T-1)
+        old_logps = torch.zeros_like(ref_logps)  # filled at the first inner step
         weights = loss_weights(mask, cfg.agg, cfg.max_new_tokens)  # (N, T-1): the normalisation
 
         # 3. mu optimizer steps on this batch (Algorithm 1's inner loop), the forward in chunks of rows.
@@ -458,18 +487,21 @@ def train_rl(policy: gpt.GPT, ref: gpt.GPT, tasks: list[lora.Instruction], enc, 
                 group["lr"] = cfg.lr * min(1.0, (n_updates + 1) / cfg.warmup)
             opt.zero_grad(set_to_none=True)
             total, clipped = 0.0, []
-            for rows in torch.arange(len(tokens)).split(chunk):
-                logps = token_logps(policy, tokens[rows], cfg.temperature)  # (rows, T-1), with gradient
+            for rows, cols in chunks:
+                logps = token_logps(policy, tokens[rows, :cols + 1], cfg.temperature)  # (rows, cols), grad
+                m, ref_c = mask[rows, :cols], ref_logps[rows, :cols]
+                if inner == 0:
+                    old_logps[rows, :cols] = logps.detach() * m
                 if method == "dpo":  # dpo.py's loss on summed log-probs, averaged over all pairs
-                    seq, ref_seq = (logps * mask[rows]).sum(1), (ref_logps[rows] * mask[rows]).sum(1)
+                    seq, ref_seq = (logps * m).sum(1), (ref_c * m).sum(1)
                     losses, _, _ = dpo.dpo_loss(
                         policy_chosen_logps=seq[0::2], policy_rejected_logps=seq[1::2],
                         ref_chosen_logps=ref_seq[0::2], ref_rejected_logps=ref_seq[1::2], beta=cfg.dpo_beta)
                     loss = losses.sum() / len(groups)
                 else:
-                    loss, s = grpo_loss(logps, batch["old_logps"][rows], ref_logps[rows], adv[rows],
-                                        weights[rows], cfg.eps_low, cfg.eps_high, cfg.beta)
-                    clipped.append(s["clip_frac"] * float(mask[rows].sum()))
+                    loss, s = grpo_loss(logps, old_logps[rows, :cols], ref_c, adv[rows],
+                                        weights[rows, :cols], cfg.eps_low, cfg.eps_high, cfg.beta)
+                    clipped.append(s["clip_frac"] * float(m.sum()))
                 loss.backward()  # the chunks' losses add up to the batch's: gradient accumulation
                 total += loss.item()
             if not math.isfinite(total):
@@ -477,6 +509,8 @@ def train_rl(policy: gpt.GPT, ref: gpt.GPT, tasks: list[lora.Instruction], enc, 
             torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
             opt.step()
             n_updates += 1
+            if inner == 0:  # KL(pi_old || pi_ref) per token on the answers just sampled: the distance so far
+                h["kl"] = float((k3_kl(old_logps, ref_logps) * mask).sum() / mask.sum())
             h["loss"] = h.get("loss", total)  # the first inner step's
             h["clip_frac"] = sum(clipped) / float(mask.sum())  # tokens clipped at the last inner step
         policy.eval()

@@ -304,6 +304,76 @@ def test_chunked_loss_equals_the_whole_batch(rollout):
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-7)
 
 
+def test_length_chunks_cover_every_target_and_keep_pairs(rollout):
+    """Every row once, units (DPO pairs) together, each chunk cut no shorter than its longest answer, and
+    the trimmed, sorted chunks give the whole padded batch's gradient."""
+    _, model, _, groups, batch = rollout
+    mask = batch["mask"]
+    last = torch.tensor([int(torch.nonzero(m)[-1]) + 1 for m in mask])  # one past each row's last target
+    for unit, rows in ((1, 4), (2, 4), (1, 100)):
+        n = len(mask) - len(mask) % unit
+        chunks = grpo.length_chunks(mask[:n], rows, unit)
+        seen = torch.cat([r for r, _ in chunks])
+        assert sorted(seen.tolist()) == list(range(n)) and all(len(r) <= rows for r, _ in chunks)
+        assert all(c == int(last[r].max()) for r, c in chunks)
+        if unit == 2:
+            assert all((r.view(-1, 2)[:, 0] % 2 == 0).all() and (r.view(-1, 2).diff(1) == 1).all()
+                       for r, _ in chunks)
+    with pytest.raises(ValueError, match="unit"):
+        grpo.length_chunks(mask[:3], 4, unit=2)
+    rewards = batch["rewards"].view(len(groups), 3) + torch.rand(len(groups), 3)
+    adv = grpo.group_advantages(rewards, "std").flatten()
+    w = grpo.loss_weights(mask, "seq_mean", 12)
+    grads = []
+    for chunks in ([(torch.arange(len(w)), mask.size(1))], grpo.length_chunks(mask, 4)):
+        model.zero_grad()
+        for rows, cols in chunks:
+            logps = grpo.token_logps(model, batch["tokens"][rows, :cols + 1], 0.8)
+            loss, _ = grpo.grpo_loss(logps, batch["old_logps"][rows, :cols], None, adv[rows], w[rows, :cols],
+                                     beta=0.0)
+            loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-7)
+
+
+def test_the_loop_takes_old_logps_from_its_first_inner_step(tokenizer, monkeypatch):
+    """train_rl skips rollout_batch's separate old-policy forward: the old_logps its first inner step
+    uses equal rollout_batch's (same weights, same tokens), the ratio there is 1, and the second inner step
+    sees the same old_logps while the policy has moved."""
+    enc = tokenizer[0]
+    model, ref = tiny_model().requires_grad_(True), tiny_model()
+    tasks = lora.load_instructions("train", 8, seed=0)
+    seen, real_loss, real_sample = [], grpo.grpo_loss, grpo.sample_groups
+
+    def sample(policy, *args, **kw):
+        groups = real_sample(policy, *args, **kw)
+        seen.append(dict(groups=groups, state=copy.deepcopy(policy.state_dict())))
+        return groups
+
+    def loss(logps, old, *args, **kw):
+        seen[-1].setdefault("calls", []).append((logps.detach().clone(), old.clone()))
+        return real_loss(logps, old, *args, **kw)
+
+    def by_length(text, words, ended, partial):  # rewards that differ within a group
+        return len(text) % 7 / 7
+
+    monkeypatch.setattr(grpo, "sample_groups", sample)
+    monkeypatch.setattr(grpo, "grpo_loss", loss)
+    monkeypatch.setitem(grpo.REWARDS, "naive", by_length)
+    cfg = small_cfg(steps=1, micro_rows=64, inner_steps=2, lr=1e-2, reward="naive")
+    grpo.train_rl(model, ref, tasks, enc, cfg)
+    first, second = seen[0]["calls"]
+    snap = tiny_model()
+    snap.load_state_dict(seen[0]["state"])
+    grpo.score_groups(seen[0]["groups"], enc, by_length)
+    batch = grpo.rollout_batch(snap, seen[0]["groups"], enc.eot_token, cfg.temperature, 4)
+    rows, cols = grpo.length_chunks(batch["mask"], 64)[0]
+    torch.testing.assert_close(first[1], batch["old_logps"][rows, :cols], rtol=0, atol=1e-5)
+    m = batch["mask"][rows, :cols] > 0
+    assert torch.equal(first[0][m], first[1][m])  # rho = 1 exactly at the first inner step
+    assert torch.equal(second[1], first[1]) and not torch.allclose(second[0][m], first[0][m])
+
+
 def test_batches_share_a_prompt_length(tokenizer):
     enc = tokenizer[0]
     tasks = lora.load_instructions("train", 300, seed=0)
