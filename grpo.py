@@ -572,14 +572,31 @@ def heldout_report(model: gpt.GPT, ref: gpt.GPT, enc, held: list[lora.Instructio
 
 def start_model(cfg: GRPOConfig) -> tuple[gpt.GPT, object]:
     """--init, or lora.py's full fine-tune of gpt.py's default model (made with lora.py if missing)."""
+    model, enc, _ = gpt.load_model(start_path(cfg))
+    return model, enc
+
+
+def start_path(cfg: GRPOConfig) -> Path:
+    """The start model's checkpoint: --init, or lora.py's full fine-tune (made with lora.py if missing)."""
     path = Path(cfg.init) if cfg.init else Path(cfg.lora_dir) / "full" / "ckpt.pt"
     if not cfg.init and not path.exists():
         print(f"no start model at {path}: running lora.py's full fine-tune first "
               f"(`python lora.py --methods=full --out_dir={cfg.lora_dir}`)", flush=True)
         lora.run_demo(lora.LoRADemoConfig(methods="full", out_dir=cfg.lora_dir, num_threads=cfg.num_threads,
                                           plot=""))
-    model, enc, _ = gpt.load_model(path)
-    return model, enc
+    return path
+
+
+def save_policy(policy: gpt.GPT, cfg: GRPOConfig, path: Path, history: list[dict]) -> None:
+    """The trained policy as a gpt.py checkpoint: the start model's file with the new weights (and the run's
+    config and history beside them), so `--init`, lora.py, dpo.py and speculative.py load it as any other.
+    It holds no optimizer state: it is a result to evaluate or start from, not a run to resume."""
+    state = gpt.read_checkpoint(start_path(cfg))
+    weights = {k: v.detach().clone() for k, v in policy.state_dict().items()}
+    state.update(model=weights, digest=gpt.weights_digest(weights), optimizer={},
+                 rl=dict(config=dataclasses.asdict(cfg), history=history))
+    with gpt.atomic_path(path) as tmp:
+        torch.save(state, tmp)
 
 
 def print_table(rows: list[dict], start_val: float) -> None:
@@ -658,6 +675,7 @@ def run_demo(cfg: GRPOConfig) -> dict:
             hist = train_rl(policy, ref, tasks, enc, mc, name, evaluate=lambda p, mc=mc: heldout_report(
                 p, ref, enc, held, mc, val, byte_lengths))
             runs[name] = hist
+            save_policy(policy, mc, out / name / "ckpt.pt", hist)
             row.update(train_samples=hist[-1]["samples"], train_time=hist[-1]["time"],
                        train_cpu=hist[-1]["cpu"], history=hist)
         t0 = time.time()

@@ -522,3 +522,22 @@ def test_presets_only_change_fields_of_the_config():
     for name, preset in grpo.METHODS.items():
         assert set(preset) <= fields, name
         grpo.method_config(cfg, name)  # validates
+
+
+def test_saved_policy_loads_as_a_gpt_checkpoint(tmp_path):
+    """save_policy writes the start model's checkpoint with the trained weights: gpt.load_model reads it
+    back (digest checked) with the same weights and tokenizer, and the run's config and history ride along."""
+    start = tmp_path / "start" / "ckpt.pt"
+    gpt.train(tiny_config(), tiny_train_config(start.parent, max_iters=2), verbose=False)
+    ref, enc, _ = gpt.load_model(start)
+    policy = copy.deepcopy(ref)
+    with torch.no_grad():
+        policy.output.weight.add_(0.5)  # tied to the embedding: "trained" weights differ from the start's
+    cfg = grpo.GRPOConfig(init=str(start))
+    grpo.save_policy(policy, cfg, tmp_path / "grpo" / "ckpt.pt", [dict(step=1, reward=0.5)])
+    loaded, enc2, state = gpt.load_model(tmp_path / "grpo" / "ckpt.pt")
+    for k, v in policy.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    assert not torch.equal(loaded.output.weight, ref.output.weight)
+    assert enc2.n_vocab == enc.n_vocab and enc2.encode("Once upon a time") == enc.encode("Once upon a time")
+    assert state["rl"]["history"] == [dict(step=1, reward=0.5)] and state["rl"]["config"]["init"] == str(start)
