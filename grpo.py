@@ -92,6 +92,10 @@ class GRPOConfig:
     dynamic_sampling: bool = False  # DAPO: keep only groups whose rewards differ, sample more to refill
     max_refills: int = 3  # dynamic sampling draws at most this many extra batches per step
     dpo_beta: float = 0.1  # method dpo: dpo.py's beta, on the best vs worst answer of each group
+    ptx_coef: float = 0.0  # weight of a TinyStories next-token loss added to every optimizer step
+    #                        (InstructGPT's PPO-ptx, arXiv:2203.02155 eq. 2; dpo.py's ptx_loss); 0 = none
+    ptx_batch: int = 16  # TinyStories windows per optimizer step for that term ...
+    ptx_tokens: int = 128  # ... of this many tokens each
 
     # the reward
     reward: str = "verify"  # verify (lora.py's verifier, + partial credit) | naive (words used, no gates)
@@ -130,13 +134,14 @@ class GRPOConfig:
             raise ValueError(f"agg must be one of {', '.join(AGGREGATIONS)}, not {self.agg!r}")
         if self.reward not in REWARDS:
             raise ValueError(f"reward must be one of {', '.join(REWARDS)}, not {self.reward!r}")
-        for name in ("beta", "dpo_beta", "eps_low", "eps_high", "partial", "max_refills", "eval_every"):
+        for name in ("beta", "dpo_beta", "eps_low", "eps_high", "partial", "max_refills", "eval_every",
+                     "ptx_coef"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.eps_low >= 1:
             raise ValueError(f"eps_low must be < 1 (the lower clip 1 - eps_low > 0), got {self.eps_low}")
         for name in ("inner_steps", "steps", "batch_prompts", "max_new_tokens", "micro_rows", "bon", "n_eval",
-                     "val_tokens"):
+                     "val_tokens", "ptx_batch", "ptx_tokens"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if not (self.lr > 0 and self.temperature > 0):
@@ -417,17 +422,22 @@ def make_batches(tasks: list[lora.Instruction], enc, B: int, seed: int) -> Calla
 
 def train_rl(policy: gpt.GPT, ref: gpt.GPT, tasks: list[lora.Instruction], enc, cfg: GRPOConfig,
              method: str = "grpo", log: Callable = print,
-             evaluate: Optional[Callable[[gpt.GPT], dict]] = None) -> list[dict]:
+             evaluate: Optional[Callable[[gpt.GPT], dict]] = None, ptx_data: Optional[np.ndarray] = None
+             ) -> list[dict]:
     """Train `policy` in place with `method` (grpo-family settings from cfg, or dpo) on prompts from
     `tasks`; `ref` is the frozen start model. Returns one history entry per rollout batch; with
     `evaluate` and cfg.eval_every, the entries of every eval_every-th step (not the last) hold
-    evaluate(policy) under "heldout" (it must not touch the training's random draws)."""
+    evaluate(policy) under "heldout" (it must not touch the training's random draws). cfg.ptx_coef > 0
+    adds that times dpo.ptx_loss on windows of ptx_data (TinyStories tokens) to every optimizer step."""
     if not tasks:
         raise ValueError("no training prompts: the task list is empty")
+    if cfg.ptx_coef and ptx_data is None:
+        raise ValueError("ptx_coef > 0 needs ptx_data: the TinyStories tokens of its next-token term")
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
     reward_fn, eot, G = REWARDS[cfg.reward], enc.eot_token, cfg.group_size
     gen = torch.Generator().manual_seed(cfg.seed)  # the sampler's draws
+    ptx_gen = torch.Generator().manual_seed(cfg.seed + 2)  # the ptx windows: a stream of their own
     next_batch = make_batches(tasks, enc, cfg.batch_prompts, cfg.seed)
     opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr, betas=(0.9, 0.95),
                             weight_decay=0.0)  # no decay: the reference, not zero, is the anchor
@@ -504,11 +514,16 @@ def train_rl(policy: gpt.GPT, ref: gpt.GPT, tasks: list[lora.Instruction], enc, 
                     clipped.append(s["clip_frac"] * float(m.sum()))
                 loss.backward()  # the chunks' losses add up to the batch's: gradient accumulation
                 total += loss.item()
-            if not math.isfinite(total):
+            if cfg.ptx_coef:  # the pre-training mix: keep the plain-story next-token loss where it was
+                ptx = dpo.ptx_loss(policy, ptx_data, ptx_gen, cfg)
+                (cfg.ptx_coef * ptx).backward()
+                h["ptx_nll"] = ptx.item()
+            if not (math.isfinite(total) and math.isfinite(h.get("ptx_nll", 0.0))):
                 raise FloatingPointError(f"{method}: the loss is {total} at step {step + 1}: lower --lr")
             torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
             opt.step()
             n_updates += 1
+            h["updates"] = n_updates
             if inner == 0:  # KL(pi_old || pi_ref) per token on the answers just sampled: the distance so far
                 h["kl"] = float((k3_kl(old_logps, ref_logps) * mask).sum() / mask.sum())
             h["loss"] = h.get("loss", total)  # the first inner step's
@@ -649,6 +664,7 @@ def run_demo(cfg: GRPOConfig) -> dict:
     ref, enc = start_model(cfg)
     ref.requires_grad_(False)
     val, byte_lengths = gpt.load_tokens("valid", enc), gpt.token_byte_lengths(enc)
+    ptx_data = gpt.load_tokens("train", enc) if cfg.ptx_coef else None
     tasks = lora.load_instructions("train", cfg.n_train, seed=cfg.seed)
     held = lora.load_instructions("valid", cfg.n_eval, seed=cfg.seed + 1)
     print(f"{len(tasks):,} training prompts, {len(held)} held-out prompts; G = {cfg.group_size}, "
@@ -673,7 +689,7 @@ def run_demo(cfg: GRPOConfig) -> dict:
             print(f"\n=== {name}: " + ", ".join(f"{k}={getattr(mc, k)}" for k in (
                 "adv", "agg", "eps_low", "eps_high", "beta", "inner_steps", "dynamic_sampling")), flush=True)
             hist = train_rl(policy, ref, tasks, enc, mc, name, evaluate=lambda p, mc=mc: heldout_report(
-                p, ref, enc, held, mc, val, byte_lengths))
+                p, ref, enc, held, mc, val, byte_lengths), ptx_data=ptx_data)
             runs[name] = hist
             save_policy(policy, mc, out / name / "ckpt.pt", hist)
             row.update(train_samples=hist[-1]["samples"], train_time=hist[-1]["time"],
@@ -690,6 +706,19 @@ def run_demo(cfg: GRPOConfig) -> dict:
               f"KL {row['kl']:.4f}, val {row['val_loss']:.4f}, length {row['length']:.0f}", flush=True)
         with gpt.atomic_path(out / "results.json") as tmp:  # after every method: a long run keeps its rows
             tmp.write_text(json.dumps(dict(config=dataclasses.asdict(cfg), rows=rows), indent=1))
+    control = None
+    if cfg.ptx_coef and runs:  # what the pre-training mix alone does to the val loss (dpo.py's control)
+        updates = max(h.get("updates", 0) for hist in runs.values() for h in hist)
+        dc = dpo.DPOConfig(lr=cfg.lr, warmup_steps=cfg.warmup, grad_clip=cfg.grad_clip, ptx_coef=cfg.ptx_coef,
+                           ptx_batch=cfg.ptx_batch, ptx_tokens=cfg.ptx_tokens, seed=cfg.seed)
+        model = copy.deepcopy(ref).requires_grad_(True)
+        dpo.train_ptx_only(model, updates, dc, ptx_data)  # the same optimizer, lr, windows; no RL term
+        control = gpt.evaluate(model, val, byte_lengths, ref.cfg.block_size, 16, cfg.val_tokens)["loss"]
+        print(f"ptx-only control ({updates} optimizer steps on the same TinyStories windows, no RL term): "
+              f"val loss {control:.4f}")
+        with gpt.atomic_path(out / "results.json") as tmp:
+            tmp.write_text(json.dumps(dict(config=dataclasses.asdict(cfg), rows=rows, ptx_control_val=control),
+                                      indent=1))
     start_val = start["val_loss"] if start else gpt.evaluate(ref, val, byte_lengths, ref.cfg.block_size, 16,
                                                              cfg.val_tokens)["loss"]
     print_table(rows, start_val)
@@ -704,7 +733,7 @@ def run_demo(cfg: GRPOConfig) -> dict:
         plot_curves(runs, path, f"grpo.py: RL on the Words -> Story task, {n / 1e6:.1f}M-parameter model, "
                     f"{cfg.batch_prompts} prompts x {cfg.group_size} answers per step")
         print(f"plot: {path}")
-    return dict(rows=rows, runs=runs)
+    return dict(rows=rows, runs=runs, ptx_control_val=control)
 
 
 EXAMPLE_WORDS = ("dog", "ball", "park")

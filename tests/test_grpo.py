@@ -541,3 +541,57 @@ def test_saved_policy_loads_as_a_gpt_checkpoint(tmp_path):
     assert not torch.equal(loaded.output.weight, ref.output.weight)
     assert enc2.n_vocab == enc.n_vocab and enc2.encode("Once upon a time") == enc.encode("Once upon a time")
     assert state["rl"]["history"] == [dict(step=1, reward=0.5)] and state["rl"]["config"]["init"] == str(start)
+
+
+def test_ptx_mix_adds_dpo_ptx_loss_and_its_control_matches(tokenizer, train_tokens, monkeypatch):
+    """With rewards that tie in every group (zero advantages) and no KL, the only gradient left in a
+    --ptx_coef run is the pre-training mix: train_rl must then end where dpo.train_ptx_only (the control
+    run_demo reports) ends after the same number of optimizer steps, on the same windows."""
+    enc = tokenizer[0]
+    monkeypatch.setitem(grpo.REWARDS, "naive", lambda text, words, ended, partial: 0.5)
+    tasks = lora.load_instructions("train", 8, seed=0)
+    cfg = small_cfg(reward="naive", beta=0.0, ptx_coef=2.0, ptx_batch=4, ptx_tokens=32, lr=1e-2, warmup=2)
+    start = tiny_model()
+    policy = copy.deepcopy(start).requires_grad_(True)
+    hist = grpo.train_rl(policy, start, tasks, enc, cfg, ptx_data=train_tokens)
+    assert hist[-1]["updates"] == cfg.steps * cfg.inner_steps and all(h["ptx_nll"] > 0 for h in hist)
+    control = copy.deepcopy(start).requires_grad_(True)
+    dc = dpo.DPOConfig(lr=cfg.lr, warmup_steps=cfg.warmup, grad_clip=cfg.grad_clip, ptx_coef=cfg.ptx_coef,
+                       ptx_batch=cfg.ptx_batch, ptx_tokens=cfg.ptx_tokens, seed=cfg.seed)
+    dpo.train_ptx_only(control, hist[-1]["updates"], dc, train_tokens)
+    moved = False
+    for (k, v), w, w0 in zip(policy.state_dict().items(), control.state_dict().values(),
+                             start.state_dict().values()):
+        torch.testing.assert_close(v, w, rtol=1e-5, atol=1e-6, msg=k)
+        moved |= not torch.equal(v, w0)
+    assert moved
+    with pytest.raises(ValueError, match="ptx_data"):
+        grpo.train_rl(copy.deepcopy(start).requires_grad_(True), start, tasks, enc, cfg)
+    with pytest.raises(ValueError, match="ptx_coef"):
+        grpo.GRPOConfig(ptx_coef=-1.0)
+
+
+def test_ptx_gradient_is_added_with_its_coefficient(tokenizer, train_tokens, monkeypatch):
+    """The first update's gradient (before clipping) is the RL gradient plus ptx_coef times the gradient of
+    dpo.ptx_loss on the run's first TinyStories windows."""
+    enc = tokenizer[0]
+    monkeypatch.setitem(grpo.REWARDS, "naive", lambda text, words, ended, partial: len(text) % 7 / 7)
+    tasks = lora.load_instructions("train", 8, seed=0)
+    start = tiny_model()
+    grads = {}
+
+    def capture(params, max_norm):
+        params = list(params)
+        grads.setdefault(len(grads), torch.cat([p.grad.flatten() for p in params]))
+        return torch.tensor(0.0)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", capture)
+    for coef in (0.0, 2.0):
+        cfg = small_cfg(reward="naive", beta=0.0, ptx_coef=coef, ptx_batch=4, ptx_tokens=32, steps=1,
+                        inner_steps=1)
+        grpo.train_rl(copy.deepcopy(start).requires_grad_(True), start, tasks, enc, cfg, ptx_data=train_tokens)
+    model = copy.deepcopy(start).requires_grad_(True).train()
+    dpo.ptx_loss(model, train_tokens, torch.Generator().manual_seed(cfg.seed + 2), cfg).backward()
+    g_ptx = torch.cat([p.grad.flatten() for p in model.parameters()])
+    assert grads[0].abs().sum() > 0 and g_ptx.abs().sum() > 0
+    torch.testing.assert_close(grads[1], grads[0] + 2.0 * g_ptx, rtol=1e-4, atol=1e-6)
