@@ -5,7 +5,9 @@ same rollouts, a short run that raises the held-out reward), and bad input."""
 
 import copy
 import dataclasses
+import importlib.util
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +17,8 @@ import gpt
 import grpo
 import lora
 from conftest import tiny_config, tiny_train_config
+
+ROOT = Path(__file__).resolve().parent.parent
 
 WORDS = ("ball", "dog", "park")
 STORY = ("Tom had a red ball. He took the ball to the park with his dog. The dog ran after the ball and "
@@ -431,12 +435,13 @@ def test_heldout_evaluation_during_training_changes_nothing(tokenizer, monkeypat
     ref = tiny_model()
     tasks, held = lora.load_instructions("train", 50), lora.load_instructions("valid", 4, seed=1)
     val, byte_lengths = gpt.load_tokens("valid", enc)[:4096], gpt.token_byte_lengths(enc)
-    runs = []
+    runs, lines = [], []
     for every in (0, 1):
         policy = copy.deepcopy(ref).requires_grad_(True)
         cfg = small_cfg(reward="length", steps=2, eval_every=every, n_eval=4, val_tokens=1024)
-        hist = grpo.train_rl(policy, ref, tasks, enc, cfg, "grpo", log=quiet, evaluate=lambda p, cfg=cfg:
-                             grpo.heldout_report(p, ref, enc, held, cfg, val, byte_lengths))
+        hist = grpo.train_rl(policy, ref, tasks, enc, cfg, "grpo", log=lines.append if every else quiet,
+                             evaluate=lambda p, cfg=cfg: grpo.heldout_report(p, ref, enc, held, cfg, val,
+                                                                              byte_lengths))
         runs.append((hist, policy.state_dict()))
     (plain, w0), (evaluated, w1) = runs
     assert ["heldout" in h for h in plain] == [False, False]
@@ -445,6 +450,18 @@ def test_heldout_evaluation_during_training_changes_nothing(tokenizer, monkeypat
     assert [h["reward"] for h in plain] == [h["reward"] for h in evaluated]
     for k, v in w0.items():
         assert torch.equal(v, w1[k]), k
+    # tools/grpo_curves.py reads the same figures back from the printed log
+    spec = importlib.util.spec_from_file_location("grpo_curves", ROOT / "tools" / "grpo_curves.py")
+    curves = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(curves)
+    parsed = curves.parse_log("\n".join(lines))
+    assert [h["step"] for h in parsed] == [1, 2]
+    for h, e in zip(parsed, evaluated):
+        for k in ("reward", "success", "kl"):
+            assert abs(h[k] - e[k]) < 1e-3, k
+        assert abs(h["length"] - e["length"]) <= 0.5
+    assert abs(parsed[0]["heldout"]["success"] - evaluated[0]["heldout"]["success"]) < 1e-4
+    assert abs(parsed[0]["heldout"]["val_loss"] - evaluated[0]["heldout"]["val_loss"]) < 1e-4
 
 
 @pytest.fixture(scope="module")
