@@ -612,3 +612,18 @@ def test_ptx_gradient_is_added_with_its_coefficient(tokenizer, train_tokens, mon
     g_ptx = torch.cat([p.grad.flatten() for p in model.parameters()])
     assert grads[0].abs().sum() > 0 and g_ptx.abs().sum() > 0
     torch.testing.assert_close(grads[1], grads[0] + 2.0 * g_ptx, rtol=1e-4, atol=1e-6)
+
+
+def test_word_list_detector_of_the_hacking_count():
+    """tools/grpo_word_lists.py counts answers that list required words ("ball, cat"), the hack the
+    verifier's gates let through inside a story; using the words in sentences is not a list."""
+    spec = importlib.util.spec_from_file_location("grpo_word_lists", ROOT / "tools" / "grpo_word_lists.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    words = ("ball", "cat", "sun")
+    assert tool.lists_words('The bird said, "Thank you, Ball, cat, cat!"', words)
+    assert tool.lists_words("sun,ball", words)
+    for text in ("The cat had a red ball in the sun.", "The cat, the ball and the sun.", "cats, balls", ""):
+        assert not tool.lists_words(text, words), text
+    story = 'The sky was sad and said, "Tom, cat!" The bird said, "Thank you, ball, cat, cat!"'
+    assert lora.check_answer(story, ("ball", "cat", "tom"), True)["words_used"] == 1.0
