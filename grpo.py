@@ -31,6 +31,9 @@ References
   Get a Baseline for Free!". Online DPO on pairs from the policy's own samples: Guo et al. 2024,
   arXiv:2402.04792.
 - Best-of-N: its KL to the sampler is at most log N - (N - 1) / N, Beirami et al. 2024, arXiv:2401.01879.
+- The pre-training mix (--ptx_coef): InstructGPT, Ouyang et al. 2022, arXiv:2203.02155, eq. 2 ("PPO-ptx":
+  gamma E_pretrain[log pi] added to the RL objective, against forgetting); here the KL term's alternative
+  as the anchor of a policy that may drift.
 - The knobs follow TRL's GRPOTrainer: num_generations (G), num_iterations (mu), epsilon / epsilon_high,
   beta, scale_rewards, loss_type grpo / dr_grpo / dapo.
 
@@ -40,6 +43,7 @@ Run it
     python grpo.py --methods=grpo --batch_prompts=16 --eval_every=7   # held-out figures along the way
     python grpo.py --methods=grpo --agg=token_mean --eps_high=0.28   # GRPO with some of DAPO's fixes
     python grpo.py --methods=grpo --reward=naive   # the gameable reward: see what the policy does to it
+    python grpo.py --methods=drgrpo --beta=0 --ptx_coef=0.02   # no KL anchor, a pre-training mix instead
     python grpo.py --init=out/my_sft/ckpt.pt       # any gpt.py checkpoint as the start model
 
 Not covered: process rewards and value networks (PPO itself), DAPO's overlong reward shaping, GSPO's
