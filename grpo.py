@@ -523,7 +523,8 @@ def train_rl(policy: gpt.GPT, ref: gpt.GPT, tasks: list[lora.Instruction], enc, 
                 (cfg.ptx_coef * ptx).backward()
                 h["ptx_nll"] = ptx.item()
             if not (math.isfinite(total) and math.isfinite(h.get("ptx_nll", 0.0))):
-                raise FloatingPointError(f"{method}: the loss is {total} at step {step + 1}: lower --lr")
+                raise FloatingPointError(f"{method}: the loss is {total} (ptx term {h.get('ptx_nll', 0.0)}) at step "
+                                         f"{step + 1}: lower --lr")
             torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
             opt.step()
             n_updates += 1
