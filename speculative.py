@@ -25,11 +25,16 @@ References
   shapes and a torch.compile'd one-token decode step, the baseline any speedup must beat.
 - FR-Spec, Zhao et al. 2025, arXiv:2502.14856 (draft only over the most frequent tokens; EAGLE-3 does
   the same): the draft's output layer is most of its cost, and the rule stays exact for any draft.
+- Prompt lookup decoding (Saxena 2023, github.com/apoorvumang/prompt-lookup-decoding; transformers'
+  prompt_lookup_num_tokens) and LLMA (Yang et al. 2023, arXiv:2304.04487): the draft is copied from the
+  context after the latest match of its last n-gram; no draft model.
 
 Run it
     python speculative.py                    # toy target / draft / MTP pairs: train, measure, plot
     python speculative.py --gammas=1,2,4 --n_prompts=2 --compile=false   # a quicker look
     python speculative.py --pair=smollm2 --max_new_tokens=48 --frozen_steps=150   # SmolLM2-135M, MTP draft
+    python speculative.py --pair=smollm2 --thin=kernel --compile=false --lookup_gammas=2,4,6
+                                             # + kernels_cpu.cpp's verify and prompt-lookup drafts
     python speculative.py --toy_mtp=joint    # the toy MTP modules trained jointly with a second target
     python speculative.py --target_ckpt=out/t/ckpt.pt --draft_ckpt=out/d/ckpt.pt --out_dir=out/td
                                              # a pair trained by gpt.py first (same --vocab_size)
@@ -37,8 +42,8 @@ Run it
 
 Not covered: tree drafts (SpecInfer, Medusa, EAGLE-2), batched speculative decoding (each row accepts a
 different number of tokens, so caches get ragged: pad and mask per row, or advance all rows by the
-minimum), lookahead / Jacobi decoding, prompt-lookup drafts, speculative decoding on GPUs (where the
-verify pass is nearly free until the GPU saturates).
+minimum), lookahead / Jacobi decoding, speculative decoding on GPUs (where the verify pass is nearly
+free until the GPU saturates).
 """
 
 from __future__ import annotations
@@ -294,6 +299,54 @@ class ModelDrafter:
     def accept(self, seq: list[int]) -> None:
         """Keep the cached positions whose tokens were accepted (at most all but the last token)."""
         self.runner.truncate(min(self.runner.pos, len(seq) - 1))
+
+
+def lookup_continuation(seq: list[int], g: int, max_ngram: int = 3, min_ngram: int = 1) -> list[int]:
+    """Prompt lookup: find the most recent earlier occurrence of the text's last n tokens (n = max_ngram
+    down to min_ngram, the longest that occurs) and return up to g tokens that followed it; [] if none."""
+    a = np.asarray(seq)
+    for n in range(min(max_ngram, len(a) - 1), min_ngram - 1, -1):
+        windows = np.lib.stride_tricks.sliding_window_view(a[:-1], n)  # (len-n, n): n-grams before the end
+        hits = np.flatnonzero((windows == a[-n:]).all(axis=1))
+        if len(hits):
+            j = int(hits[-1]) + n  # the token after the most recent match
+            return a[j:j + g].tolist()
+    return []
+
+
+class LookupDrafter:
+    """No draft model: the draft is text the context already holds (prompt lookup decoding, Saxena 2023;
+    LLMA, Yang et al. 2023, arXiv:2304.04487). Where the text repeats itself or its prompt (a retelling,
+    code edits, a greedy loop) whole runs are accepted; elsewhere no n-gram matches and the round is a
+    plain step. Drafting costs a numpy search, nothing next to a target step (c ~ 0).
+
+    The draft is deterministic given the text, so q is one-hot: the rule keeps token x with probability
+    min(1, p(x) / 1) = p(x) and resamples a rejection from norm(max(0, p - q)), p with x removed: the
+    output is still distributed as the target's samples (the rule holds for any q)."""
+
+    needs_hidden = False
+    max_gamma = 0  # no limit (the match may be shorter)
+
+    def __init__(self, vocab_size: int, max_ngram: int = 3, min_ngram: int = 1):
+        if not 1 <= min_ngram <= max_ngram:
+            raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {min_ngram} and {max_ngram}")
+        self.vocab_size, self.max_ngram, self.min_ngram = vocab_size, max_ngram, min_ngram
+
+    def propose(self, seq: list[int], g: int, temperature: float, top_k: int, top_p: float,
+                generator: Optional[torch.Generator]) -> tuple[list[int], Optional[torch.Tensor]]:
+        drafts = lookup_continuation(seq, g, self.max_ngram, self.min_ngram) if g else []
+        if not temperature or not drafts:
+            return drafts, None
+        return drafts, F.one_hot(torch.tensor(drafts), self.vocab_size).float()  # q (g, V), one-hot
+
+    def reset(self) -> None:
+        pass
+
+    def observe(self, start: int, h: torch.Tensor) -> None:
+        pass
+
+    def accept(self, seq: list[int]) -> None:
+        pass
 
 
 # -----------------------------------------------------------------------------------------------
@@ -632,7 +685,39 @@ def thin_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     return y.reshape(*x.shape[:-1], weight.shape[0])  # (..., N)
 
 
-THIN = ("off", "head", "all")  # StaticRunner(thin=...): which matmuls run as (W x^T)^T
+# The kernel choice: kernels_cpu.cpp's small_linear reads each weight once for 1-8 rows of x (its
+# header has the algorithm), where the BLAS reads it about once per row; built on first use with the
+# machine's C++ compiler (torch.utils.cpp_extension.load, cached under ~/.cache/torch_extensions).
+KERNEL_ROWS = 8  # small_linear takes 1..8 rows: a decode step, or a verify over up to gamma = 7 drafts
+_kernels_cpu = None
+
+
+def kernels_cpu():
+    """The compiled kernels_cpu.cpp module (built on the first call, a minute or two; then cached)."""
+    global _kernels_cpu
+    if _kernels_cpu is None:
+        from torch.utils.cpp_extension import load
+        try:
+            _kernels_cpu = load("llm_kernels_cpu", [str(ROOT / "kernels_cpu.cpp")], extra_cflags=["-O3"])
+        except (RuntimeError, OSError, ImportError) as e:
+            raise RuntimeError(f"thin=kernel builds kernels_cpu.cpp with the machine's C++ compiler on first "
+                               f"use, and that failed ({str(e).splitlines()[0][:200]}): use --thin=off") from e
+    return _kernels_cpu
+
+
+def kernel_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """F.linear(x, weight, bias) through kernels_cpu.cpp's small_linear when x holds 1..8 rows of fp32 on
+    the CPU and no gradient is wanted (decode steps and verify chunks); F.linear otherwise (a prompt)."""
+    x2 = x.reshape(-1, x.shape[-1])  # (M, K)
+    if (not 1 <= len(x2) <= KERNEL_ROWS or x.dtype != torch.float32 or x.device.type != "cpu"
+            or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
+        return F.linear(x, weight, bias)
+    b = bias if bias is not None else weight.new_empty(0)
+    y = kernels_cpu().small_linear(x2.contiguous(), weight.contiguous(), b.contiguous())  # (M, N)
+    return y.reshape(*x.shape[:-1], weight.shape[0])  # (..., N)
+
+
+THIN = ("off", "head", "all", "kernel")  # StaticRunner(thin=...): which matmuls run how
 
 
 def static_mlp(mlp: nn.Module, x: torch.Tensor, lin) -> torch.Tensor:
@@ -711,7 +796,8 @@ def static_blocks(blocks: nn.ModuleList, x: torch.Tensor, pos: torch.Tensor, cac
 class StaticRunner:
     """gpt-fast's decoder for a gpt.GPT: static cache, fixed shapes; the step after the prompt is
     torch.compile'd when compile=True (the prompt, fed once, runs uncompiled). `thin` picks which weight
-    matmuls run as (W x^T)^T (thin_linear): off (none), head (the output layer), all."""
+    matmuls run as (W x^T)^T (thin_linear): off (none), head (the output layer), all; or kernel: every
+    weight matmul of up to 8 rows through kernels_cpu.cpp (kernel_linear; uncompiled only)."""
 
     def __init__(self, model: gpt.GPT, max_len: int, compile: bool = False, want_hidden: bool = False,
                  thin: str = "off"):
@@ -724,6 +810,9 @@ class StaticRunner:
                              "its logits: use EagerRunner for a model with logit_soft_cap")
         if thin not in THIN:
             raise ValueError(f"thin must be one of {', '.join(THIN)}, not {thin!r}")
+        if thin == "kernel" and compile:
+            raise ValueError("thin=kernel calls a C++ kernel torch.compile does not trace: run the static "
+                             "decoder uncompiled (compile=False)")
         if cfg.pos_emb == "learned" and max_len > cfg.block_size:
             raise ValueError(f"learned positions stop at block_size={cfg.block_size}, asked for {max_len}")
         self.model, self.want_hidden = model.eval(), want_hidden
@@ -732,8 +821,8 @@ class StaticRunner:
         self.pos = 0
         self.head = model.output.weight  # (V, C), or the subset's rows
         self.subset: Optional[torch.Tensor] = None
-        self.lin = thin_linear if thin == "all" else F.linear  # the blocks' matmuls
-        self.lin_head = thin_linear if thin in ("head", "all") else F.linear
+        self.lin = {"all": thin_linear, "kernel": kernel_linear}.get(thin, F.linear)  # the blocks' matmuls
+        self.lin_head = {"head": thin_linear, "all": thin_linear, "kernel": kernel_linear}.get(thin, F.linear)
         self.compiled = torch.compile(self.step, dynamic=None) if compile else self.step
 
     def reset(self) -> None:
@@ -755,6 +844,7 @@ class StaticRunner:
         y = h[:, -1:] if last_only else h
         return self.lin_head(m.norm(y), self.head), h  # (1, T', V|N)
 
+    @torch.no_grad()  # a decoder: no graph (and kernel_linear needs none)
     def feed(self, tokens: list[int], last_only: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         T = len(tokens)
         if self.pos + T > self.cache.size:
@@ -913,15 +1003,18 @@ def frequent_tokens(tokens: np.ndarray, n: int, vocab_size: int) -> tuple[torch.
 
 
 @torch.no_grad()
-def acceptance_rates(target: gpt.GPT, texts: list[list[int]], n_prompt: int, temperature: float, top_k: int,
+def acceptance_rates(target: gpt.GPT, texts: list[list[int]], n_prompt: int | list[int], temperature: float,
+                     top_k: int,
                      top_p: float, draft: Optional[gpt.GPT] = None, mtp: Optional[nn.ModuleList] = None,
                      subset: Optional[torch.Tensor] = None) -> list[float]:
     """alpha = E[sum_x min(p(x), q(x))] (Leviathan et al. section 3.1; greedy: P(argmax q = argmax p)),
     teacher-forced over the target's own continuations (texts = prompt + continuation, the first n_prompt
-    tokens the prompt). One alpha for a draft model; one per depth for MTP (depth k's acceptance given
-    that the k-1 drafts before it were accepted, so its inputs were the true tokens)."""
+    tokens the prompt; one n_prompt per text when they differ). One alpha for a draft model; one per
+    depth for MTP (depth k's acceptance given that the k-1 drafts before it were accepted, so its inputs
+    were the true tokens)."""
     sums: dict[int, list[float]] = {}
-    for ids in texts:
+    n_prompts = n_prompt if isinstance(n_prompt, list) else [n_prompt] * len(texts)
+    for ids, n_prompt in zip(texts, n_prompts):
         idx = torch.tensor([ids])
         p_logits, _, h = forward_hidden(target, idx)  # (1, T, V): row i predicts token i+1
         qs = [draft(idx)[0]] if draft is not None else mtp_logits(target, mtp, h, idx)  # depth k: (1, T-k, V)
@@ -1010,15 +1103,20 @@ class DemoConfig:
     draft_iters: int = 300  # training steps of the draft
     lr: float = 6e-3  # peak learning rate of all three (gpt.py's default)
     n_prompts: int = 4  # story openings from the validation split
+    prompts: str = "openings"  # openings: a story's first prompt_tokens tokens, continued | retell (smollm2
+    #                            only): "Retell this story in your own words:" + a validation story, as chat
     prompt_tokens: int = 16  # each prompt: a story's first tokens
     max_new_tokens: int = 128  # tokens each method generates per prompt (no stop at <|endoftext|>)
     gammas: str = "1,2,3,4,6"  # draft lengths of the draft pair (the MTP pair uses 1..n_mtp)
+    lookup_gammas: str = "4"  # draft lengths of prompt lookup (no draft model; "" = not measured)
+    lookup_ngram: int = 3  # prompt lookup matches the text's last 3, else 2, else 1 tokens
     temperature: float = 0.8  # the sampled runs (every method also runs greedy)
     top_k: int = 0  # the sampled runs' top-k (0 = off), applied to p and q alike
     top_p: float = 0.95  # the sampled runs' nucleus, applied to p and q alike
     draft_vocab: int = 1024  # drafts score only this many most frequent train tokens (FR-Spec); 0 = all
     compile: bool = True  # also measure the torch.compile'd static decoders (the fast baseline)
-    thin: str = "off"  # static decoders: matmuls computed as (W x^T)^T (thin_linear): off | head | all
+    thin: str = "off"  # static decoders: matmuls computed as (W x^T)^T (thin_linear): off | head | all |
+    #                    kernel (kernels_cpu.cpp, needs --compile=false; adds the uncompiled static engine)
     repeats: int = 1  # timed passes over the prompts
     decode_threads: int = 1  # torch threads while decoding (batch-1 decoding of small models: 1 is fastest)
     num_threads: int = 0  # torch threads while training; 0 = torch's default
@@ -1045,8 +1143,19 @@ class DemoConfig:
             raise ValueError("temperature is the sampled runs' (greedy runs always happen): use > 0")
         if self.pair not in ("toy", "smollm2"):
             raise ValueError(f"pair must be toy or smollm2, not {self.pair!r}")
+        if self.prompts not in ("openings", "retell") or (self.prompts == "retell" and self.pair != "smollm2"):
+            raise ValueError(f"prompts must be openings, or retell with --pair=smollm2 (a chat model), not "
+                             f"{self.prompts!r} with --pair={self.pair}")
         if self.thin not in THIN:
             raise ValueError(f"thin must be one of {', '.join(THIN)}, not {self.thin!r}")
+        if self.thin == "kernel" and self.compile:
+            raise ValueError("--thin=kernel runs the static decoder uncompiled (torch.compile does not trace "
+                             "the C++ kernel): add --compile=false")
+        if self.lookup_gammas.strip() and (not self.lookup_gamma_list or min(self.lookup_gamma_list) < 1):
+            raise ValueError(f"lookup_gammas must be a comma-separated list of integers >= 1 (or empty), got "
+                             f"{self.lookup_gammas!r}")
+        if self.lookup_ngram < 1:
+            raise ValueError(f"lookup_ngram must be >= 1, got {self.lookup_ngram}")
         if self.toy_mtp not in ("frozen", "joint"):
             raise ValueError(f"toy_mtp must be frozen or joint, not {self.toy_mtp!r}")
         if (self.target_ckpt or self.draft_ckpt) and self.pair != "toy":
@@ -1064,10 +1173,25 @@ class DemoConfig:
 
     @property
     def gamma_list(self) -> list[int]:
-        try:
-            return [int(g) for g in self.gammas.split(",") if g.strip()]
-        except ValueError:
-            return []
+        return int_list(self.gammas)
+
+    @property
+    def lookup_gamma_list(self) -> list[int]:
+        return int_list(self.lookup_gammas)
+
+    @property
+    def engines(self) -> list[str]:
+        """eager: gpt.py's forward; static: the static decoder uncompiled (with --thin=kernel);
+        compiled: the static decoder compiled."""
+        return ["eager"] + (["static"] if self.thin == "kernel" else []) + (["compiled"] if self.compile else [])
+
+
+def int_list(text: str) -> list[int]:
+    """"1,2,4" -> [1, 2, 4]; [] if any item is not an integer."""
+    try:
+        return [int(g) for g in text.split(",") if g.strip()]
+    except ValueError:
+        return []
 
 
 def checkpoint_model(name: str, path: str, log=print) -> tuple[gpt.GPT, list[int], dict]:
@@ -1147,8 +1271,8 @@ def speculative_runs(dc: DemoConfig, m: dict, prompts: list[list[int]], subset: 
     interleaved on the same prompts with the same seeds (a fresh generator per prompt)."""
     target, mtp, draft = m["target"], m["mtp"], m["draft"]  # draft and target: None for the MTP pair alone
     N, gammas, D = dc.max_new_tokens, dc.gamma_list if draft is not None else [], dc.n_mtp
-    S = dc.prompt_tokens + N + max(gammas + [D]) + 2
-    G = max(gammas + [D])
+    G = max(gammas + dc.lookup_gamma_list + [D])
+    S = max(map(len, prompts)) + N + G + 2
     samp = (temperature, dc.top_k, dc.top_p)
     gen = lambda i: torch.Generator().manual_seed(dc.seed + i)  # noqa: E731
     methods = {}
@@ -1163,11 +1287,12 @@ def speculative_runs(dc: DemoConfig, m: dict, prompts: list[list[int]], subset: 
         for name, model in targets.items():  # today's eager decoder
             methods[f"{name}/plain"] = lambda i, model=model: (
                 gpt.generate(model, prompts[i], N, 1, *samp, generator=gen(i))[0], {})
-    else:
-        tT = StaticRunner(target, S, compile=True, thin=dc.thin) if draft is not None else None
-        tM = StaticRunner(mtp.main, S, compile=True, want_hidden=True, thin=dc.thin)
-        dd = ModelDrafter(StaticRunner(draft, S, compile=True), subset) if draft is not None else None
-        md = MTPDrafter(mtp.main, mtp.mtp, S, subset=subset, compile=True)
+    else:  # the static decoder, compiled or not (the draft model never takes the target's thin choice)
+        c = engine == "compiled"
+        tT = StaticRunner(target, S, compile=c, thin=dc.thin) if draft is not None else None
+        tM = StaticRunner(mtp.main, S, compile=c, want_hidden=True, thin=dc.thin)
+        dd = ModelDrafter(StaticRunner(draft, S, compile=c), subset) if draft is not None else None
+        md = MTPDrafter(mtp.main, mtp.mtp, S, subset=subset, static=True, compile=c)
         for name, r in (("target", tT), ("mtp", tM)):
             if name in targets:
                 methods[f"{name}/plain"] = lambda i, r=r: (
@@ -1178,6 +1303,10 @@ def speculative_runs(dc: DemoConfig, m: dict, prompts: list[list[int]], subset: 
     for g in range(1, D + 1):
         methods[f"mtp/{g}"] = lambda i, g=g: speculative_generate(tM, md, prompts[i], N, g, *samp,
                                                                   generator=gen(i))
+    ld, tL = LookupDrafter(tM.vocab_size, dc.lookup_ngram), (tT if draft is not None else tM)
+    for g in dc.lookup_gamma_list:  # the same target as the draft pair's (or the MTP pair's)
+        methods[f"lookup/{g}"] = lambda i, g=g: speculative_generate(tL, ld, prompts[i], N, g, *samp,
+                                                                     generator=gen(i))
     t0 = time.time()
     for name, fn in methods.items():  # warm-up: compiles every graph before anything is timed
         fn(0)
@@ -1189,24 +1318,25 @@ def speculative_runs(dc: DemoConfig, m: dict, prompts: list[list[int]], subset: 
 def summarize(runs: dict, alphas: dict, mode_t: float, engine: str, dc: DemoConfig) -> list[dict]:
     """One row per speculative method: acceptance, tokens per call and speedup, predicted and measured.
     The prediction takes alpha from the teacher-forced rates and c (draft step / target step) from
-    the run's own timings; the measured speedup is tokens/s over the same target's plain tokens/s."""
+    the run's own timings; the measured speedup is tokens/s over the same target's plain tokens/s.
+    Prompt lookup has no fixed alpha (it drafts only where the text repeats): its predictions are nan."""
     rows = []
     for name, r in runs.items():
         pair, g = name.split("/")
         if g == "plain":
             continue
         g = int(g)
-        own = "target/plain" if pair == "draft" else "mtp/plain"
-        base = runs[own if own in runs else "target/plain"]  # the same target, decoded plainly
+        own = "mtp/plain" if pair == "mtp" else "target/plain"
+        base = runs[own if own in runs else "mtp/plain" if pair == "lookup" else "target/plain"]  # same target
         st = r["stats"]
         step = base["wall"] / base["tokens"]  # one plain target step, s
         c = st["draft_s"] / max(1, st["drafted"]) / step
         a_run = st["accepted"] / max(1, st["accepted"] + st["rejected"])  # MLE of a truncated geometric
-        a = alphas[(pair, mode_t)]
-        tpc = expected_tokens_per_call(a[0], g) if pair == "draft" else expected_tokens_per_call_depths(a[:g])
+        a = alphas.get((pair, mode_t), [math.nan] * g)
+        tpc = expected_tokens_per_call(a[0], g) if pair != "mtp" else expected_tokens_per_call_depths(a[:g])
         same = sum(o == p for o, p in zip(r["outputs"], base["outputs"]))
         rows.append(dict(pair=pair, gamma=g, engine=engine, temperature=mode_t,
-                         alpha=a[0] if pair == "draft" else a[g - 1], alpha_run=a_run,
+                         alpha=a[g - 1] if pair == "mtp" else a[0], alpha_run=a_run,
                          tpc_pred=tpc, tpc=r["tokens"] / max(1, st["rounds"]), c=c,
                          verify=st["target_s"] / max(1, st["rounds"]) / step,
                          speedup_pred=tpc / (g * c + 1),
@@ -1220,18 +1350,22 @@ def summarize(runs: dict, alphas: dict, mode_t: float, engine: str, dc: DemoConf
 def plot_demo(rows: list[dict], path: Path, dc: DemoConfig) -> None:
     plt = gpt.pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.3))
-    gs = np.arange(1, max(dc.gamma_list) + 1)
+    gs = np.arange(1, max(dc.gamma_list + dc.lookup_gamma_list) + 1)
     colors = {("draft", 0.0): "C0", ("draft", dc.temperature): "C1", ("mtp", 0.0): "C2",
-              ("mtp", dc.temperature): "C3"}
+              ("mtp", dc.temperature): "C3", ("lookup", 0.0): "C4", ("lookup", dc.temperature): "C5"}
+    names = {"draft": "draft model", "mtp": "MTP self-draft", "lookup": "prompt lookup"}
     for (pair, t), col in colors.items():
         sel = [r for r in rows if r["pair"] == pair and r["temperature"] == t]
         if not sel:
             continue
-        lab = f"{'draft model' if pair == 'draft' else 'MTP self-draft'}, {'greedy' if t == 0 else f'T={t}'}"
+        lab = f"{names[pair]}, {'greedy' if t == 0 else f'T={t}'}"
         for r in sel:
-            axes[0].plot(r["gamma"], r["tpc"], "o", color=col)
+            axes[0].plot(r["gamma"], r["tpc"], "o", color=col, label=lab if pair == "lookup" and r is sel[0]
+                         else None)
         a = sel[0]["alpha"] if pair == "draft" else None
-        if pair == "draft":
+        if pair == "lookup":
+            pass  # no alpha, no eq. 1 curve: measured dots only
+        elif pair == "draft":
             axes[0].plot(gs, [expected_tokens_per_call(a, g) for g in gs], "--", color=col,
                          label=f"{lab}: eq. 1 with alpha={a:.2f} (dots: measured)")
         else:
@@ -1240,7 +1374,7 @@ def plot_demo(rows: list[dict], path: Path, dc: DemoConfig) -> None:
             g2 = np.arange(1, len(alphas) + 1)
             axes[0].plot(g2, [expected_tokens_per_call_depths(alphas[:g]) for g in g2], "--", color=col,
                          label=f"{lab}: 1 + a1 + a1 a2.. (dots: measured)")
-        for eng, mk in (("compiled", "-o"), ("eager", ":s")):
+        for eng, mk in (("compiled", "-o"), ("static", "-.^"), ("eager", ":s")):
             es = sorted((r for r in sel if r["engine"] == eng), key=lambda r: r["gamma"])
             if es:
                 axes[1].plot([r["gamma"] for r in es], [r["speedup"] for r in es], mk, color=col,
@@ -1298,7 +1432,10 @@ def smollm2_models(dc: DemoConfig, log=print) -> dict:
         import pretrained  # the real model's loader: only this pair needs it
     except ImportError as e:
         raise RuntimeError("--pair=smollm2 needs pretrained.py (the GGUF loader of SmolLM2)") from e
-    context = dc.prompt_tokens + dc.max_new_tokens + 2 * dc.n_mtp + 8
+    G = max(dc.gamma_list + dc.lookup_gamma_list + [dc.n_mtp])  # the longest verify chunk
+    context = dc.prompt_tokens + dc.max_new_tokens + 2 * G + 8
+    if dc.prompts == "retell":
+        context += RETELL_MAX_TOKENS + 64  # the story and the chat template around it
     model, enc, _ = pretrained.load(context=max(context, dc.frozen_block + 1))
     model.eval().requires_grad_(False)
     V = model.cfg.vocab_size
@@ -1312,8 +1449,25 @@ def smollm2_models(dc: DemoConfig, log=print) -> dict:
     losses = mtp_val_losses(mtp, val_tok, 8, dc.frozen_block, subset)
     print(f"MTP depth losses (first 8 x {dc.frozen_block} val tokens, softmax over the subset): "
           + ", ".join(f"{v:.3f}" for v in losses.values()) + "\n")
+    prompts = retell_prompts(enc, val_tok, dc.n_prompts, V) if dc.prompts == "retell" else None
     return dict(target=None, mtp=mtp, draft=None, enc=enc, train_tok=train_tok, val_tok=val_tok,
-                subset=subset, cover=cover, ref_models={"SmolLM2-135M-Instruct": model})
+                subset=subset, cover=cover, ref_models={"SmolLM2-135M-Instruct": model}, prompts=prompts)
+
+
+RETELL_MAX_TOKENS = 250  # retell prompts: validation stories of 60 to 250 tokens
+
+
+def retell_prompts(enc, tokens: np.ndarray, n: int, vocab_size: int) -> list[list[int]]:
+    """An input-grounded task for SmolLM2-135M-Instruct (where prompt lookup is meant to shine, as in
+    summarising or editing): the chat prompt 'Retell this story in your own words:' + the first n
+    validation stories of 60-250 tokens."""
+    import pretrained
+    ends = np.flatnonzero(tokens == enc.eot_token)
+    spans = [(s, e) for s, e in zip(np.concatenate([[0], ends[:-1] + 1]), ends) if 60 <= e - s <= RETELL_MAX_TOKENS]
+    if len(spans) < n:
+        raise ValueError(f"only {len(spans)} validation stories of 60-{RETELL_MAX_TOKENS} tokens, asked for {n}")
+    return [pretrained.chatml_ids(enc, [("user", "Retell this story in your own words:\n\n"
+                                         + enc.decode(tokens[s:e].tolist()))], vocab_size) for s, e in spans[:n]]
 
 
 def toy_models(dc: DemoConfig) -> dict:
@@ -1349,13 +1503,13 @@ def measure(dc: DemoConfig, m: dict) -> dict:
     enc, subset, N = m["enc"], m["subset"], dc.max_new_tokens
     torch.set_num_threads(dc.decode_threads)
     load0 = os.getloadavg()
-    prompts = story_openings(m["val_tok"], enc.eot_token, dc.n_prompts, dc.prompt_tokens)
+    prompts = m.get("prompts") or story_openings(m["val_tok"], enc.eot_token, dc.n_prompts, dc.prompt_tokens)
 
     # 1. the plain decoders: gpt.generate vs the static decoder, eager and compiled
     t0 = time.time()
     plain = plain_speed(m["ref_models"], prompts, N, dc.compile, dc.repeats, dc.thin)
     print(f"# plain greedy decoding, batch 1, {dc.decode_threads} thread(s), {dc.n_prompts} prompts x {N} "
-          f"tokens ({time.time() - t0:.0f} s incl. compiling)")
+          f"tokens ({time.time() - t0:.0f} s incl. compiling); static decoders with thin={dc.thin}")
     print("| model | decoder | tokens/s | x gpt.generate (wall) | x gpt.generate (CPU time) | "
           "same text as generate |")
     print("|---|---|---|---|---|---|")
@@ -1383,7 +1537,7 @@ def measure(dc: DemoConfig, m: dict) -> dict:
                                                              generator=gen)[0] for p in prompts]
             texts = continuations[id(tm), t]
             alphas[(pair, t)] = acceptance_rates(
-                tm, texts, dc.prompt_tokens, t, dc.top_k, dc.top_p, subset=subset,
+                tm, texts, [len(p) for p in prompts], t, dc.top_k, dc.top_p, subset=subset,
                 draft=m["draft"] if pair == "draft" else None, mtp=m["mtp"].mtp if pair == "mtp" else None)
     print("\n| draft | alpha, greedy | alpha, " + f"T={dc.temperature} top_p={dc.top_p} |\n|---|---|---|")
     if m["draft"] is not None:
@@ -1395,7 +1549,7 @@ def measure(dc: DemoConfig, m: dict) -> dict:
 
     # 3. speculative decoding vs plain decoding, per engine and sampling mode
     rows = []
-    engines = ["eager"] + (["compiled"] if dc.compile else [])
+    engines = dc.engines
     print(f"\n# speculative decoding (machine load {load0[0]:.1f} at the start)", flush=True)
     for engine in engines:
         for t in (0.0, dc.temperature):
@@ -1409,13 +1563,14 @@ def measure(dc: DemoConfig, m: dict) -> dict:
           "measured) | c | verify | tokens/s (plain -> speculative) | speedup (Thm 3.8 / measured wall / "
           "CPU time) | greedy text identical |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
+    f = lambda v, d=2: "-" if math.isnan(v) else f"{v:.{d}f}"  # noqa: E731 (no prediction for lookup)
     for r in rows:
         mode = "greedy" if r["temperature"] == 0 else f"T={r['temperature']}"
         ident = f"{r['identical']}/{r['n']}" if r["identical"] is not None else "-"
-        print(f"| {r['pair']} | {r['engine']} | {mode} | {r['gamma']} | {r['alpha']:.3f} / "
-              f"{r['alpha_run']:.3f} | {r['tpc_pred']:.2f} / {r['tpc']:.2f} | {r['c']:.2f} | "
+        print(f"| {r['pair']} | {r['engine']} | {mode} | {r['gamma']} | {f(r['alpha'], 3)} / "
+              f"{r['alpha_run']:.3f} | {f(r['tpc_pred'])} / {r['tpc']:.2f} | {r['c']:.2f} | "
               f"{r['verify']:.2f} | "
-              f"{r['base_tok_s']:.0f} -> {r['tok_s']:.0f} | {r['speedup_pred']:.2f} / **{r['speedup']:.2f}** "
+              f"{r['base_tok_s']:.0f} -> {r['tok_s']:.0f} | {f(r['speedup_pred'])} / **{r['speedup']:.2f}** "
               f"/ {r['speedup_cpu']:.2f} | {ident} |")
     print()
     for engine in engines:

