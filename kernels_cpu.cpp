@@ -20,13 +20,12 @@
 //       y[m, n + r] = sum of acc[r][m]'s 8 lanes + the k tail (K % 8) + b[n + r]
 //
 // Layout: W row-major (N, K), so each of the R streams is contiguous and the hardware prefetcher
-// follows it; the N / R blocks are split over torch's threads (at::parallel_for), the N % R last rows
-// run with R = 1. The 8 lane sums are reduced in a different order than a BLAS would, so results match
+// follows it; the N % R last rows run with R = 1. One thread, the decoding thread (the demo decodes on
+// one, decode_threads=1): a multi-threaded version would split the N / R blocks over threads. The 8 lane sums are reduced in a different order than a BLAS would, so results match
 // F.linear to rounding (tests/test_speculative.py: against a float64 x W^T). Without AVX2 + FMA (checked
 // at run time) a plain C++ loop of the same order runs instead.
 
 #include <torch/extension.h>
-#include <ATen/Parallel.h>
 #include <immintrin.h>
 
 namespace {
@@ -74,16 +73,14 @@ void rows_scalar(int64_t M, const float* x, const float* w, const float* b, floa
 template <int M>
 void run(const float* x, const float* w, const float* b, float* y, int64_t K, int64_t N) {
   constexpr int R = M <= 2 ? 4 : (M <= 4 ? 2 : 1);
-  const int64_t blocks = N / R;
-  at::parallel_for(0, blocks, 16, [&](int64_t b0, int64_t b1) {
-    rows_avx2<M, R>(x, w, b, y, K, N, b0 * R, b1 * R);
-  });
-  if (blocks * R < N) rows_avx2<M, 1>(x, w, b, y, K, N, blocks * R, N);
+  const int64_t full = N / R * R;
+  rows_avx2<M, R>(x, w, b, y, K, N, 0, full);
+  if (full < N) rows_avx2<M, 1>(x, w, b, y, K, N, full, N);
 }
 
 }  // namespace
 
-torch::Tensor small_linear(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& b) {
+torch::Tensor small_linear_impl(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& b, bool avx2) {
   TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "small_linear: CPU tensors only (x on ",
               x.device(), ", w on ", w.device(), ")");
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2, "small_linear: x must be (M, K) and w (N, K), got x ",
@@ -105,8 +102,8 @@ torch::Tensor small_linear(const torch::Tensor& x, const torch::Tensor& w, const
   auto y = torch::empty({M, N}, x.options());
   const float *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  if (!(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))) {
-    at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) { rows_scalar(M, xp, wp, bp, yp, K, N, n0, n1); });
+  if (!avx2) {
+    rows_scalar(M, xp, wp, bp, yp, K, N, 0, N);
     return y;
   }
   switch (M) {
@@ -122,7 +119,18 @@ torch::Tensor small_linear(const torch::Tensor& x, const torch::Tensor& w, const
   return y;
 }
 
+torch::Tensor small_linear(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& b) {
+  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return small_linear_impl(x, w, b, avx2);
+}
+
+torch::Tensor small_linear_scalar(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& b) {
+  return small_linear_impl(x, w, b, false);  // the fallback, callable anywhere (tests pin it too)
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("small_linear", &small_linear, "y = x W^T (+ b) for 1-8 rows of x, every weight read once (fp32, CPU)",
+        pybind11::arg("x"), pybind11::arg("w"), pybind11::arg("b"));
+  m.def("small_linear_scalar", &small_linear_scalar, "small_linear's plain C++ fallback (no AVX2)",
         pybind11::arg("x"), pybind11::arg("w"), pybind11::arg("b"));
 }

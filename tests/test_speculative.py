@@ -259,8 +259,9 @@ def test_small_linear_kernel_equals_float64(rows):
         ref = x.double() @ w.double().t()
         for bias in (None, b):
             want = ref + (bias.double() if bias is not None else 0)
-            got = ext.small_linear(x, w, bias if bias is not None else torch.empty(0))
-            assert got.shape == (rows, N) and torch.allclose(got.double(), want, atol=1e-5 * math.sqrt(K))
+            for fn in (ext.small_linear, ext.small_linear_scalar):  # AVX2, and the fallback without it
+                got = fn(x, w, bias if bias is not None else torch.empty(0))
+                assert got.shape == (rows, N) and torch.allclose(got.double(), want, atol=1e-5 * math.sqrt(K))
             with torch.no_grad():
                 got = S.kernel_linear(x.view(1, rows, K), w, bias)  # (1, rows, N), as a decoder calls it
             assert torch.allclose(got[0].double(), want, atol=1e-5 * math.sqrt(K))
