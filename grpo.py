@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import json
 import math
 import sys
@@ -123,7 +124,9 @@ class GRPOConfig:
     bon: int = 8  # N of best-of-N
     n_train: int = 0  # training prompts from the train split (0 = all)
     n_eval: int = 64  # held-out prompts (valid split), one answer each at `temperature`
-    eval_every: int = 0  # also measure the held-out figures every this many steps during training (0 = no)
+    eval_samples: int = 1  # answers per held-out prompt: the figures average over all (pass@1 of k samples)
+    eval_every: int = 0  # also measure the held-out figures every this many steps during training (0 = no),
+    #                      saving each such policy as out_dir/<method>/step<N>.pt
     val_tokens: int = 65536  # TinyStories val tokens of the val loss
     seed: int = 1337
     num_threads: int = 0  # torch CPU threads; 0 = torch's default (1 is much faster on a busy machine)
@@ -145,7 +148,7 @@ class GRPOConfig:
         if self.eps_low >= 1:
             raise ValueError(f"eps_low must be < 1 (the lower clip 1 - eps_low > 0), got {self.eps_low}")
         for name in ("inner_steps", "steps", "batch_prompts", "max_new_tokens", "micro_rows", "bon", "n_eval",
-                     "val_tokens", "ptx_batch", "ptx_tokens"):
+                     "eval_samples", "val_tokens", "ptx_batch", "ptx_tokens"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if not (self.lr > 0 and self.temperature > 0):
@@ -556,13 +559,19 @@ def train_rl(policy: gpt.GPT, ref: gpt.GPT, tasks: list[lora.Instruction], enc, 
 
 def heldout_report(model: gpt.GPT, ref: gpt.GPT, enc, held: list[lora.Instruction], cfg: GRPOConfig,
                    val: np.ndarray, byte_lengths: np.ndarray, n: int = 1) -> dict:
-    """Held-out figures of `model`; with n > 1, best-of-n: n answers per prompt, the highest reward kept."""
+    """Held-out figures of `model`; with n > 1, best-of-n: n answers per prompt, the highest reward kept.
+    With n = 1 and cfg.eval_samples = k > 1, k answers per prompt, every one scored: the success rate is
+    then pass@1 averaged over k samples (its standard error shrinks by about sqrt(k))."""
     gen = torch.Generator().manual_seed(cfg.seed + 1)
-    groups = sample_groups(model, enc, held, n, cfg.max_new_tokens, cfg.temperature, gen)
+    k = n if n > 1 else cfg.eval_samples
+    groups = sample_groups(model, enc, held, k, cfg.max_new_tokens, cfg.temperature, gen)
     score_groups(groups, enc, REWARDS[cfg.reward], cfg.partial)
-    best = [int(np.argmax(g["rewards"])) for g in groups]
-    picked = [dict(g, answers=[g["answers"][b]], ended=[g["ended"][b]], texts=[g["texts"][b]],
-                   rewards=[g["rewards"][b]], success=[g["success"][b]]) for g, b in zip(groups, best)]
+    keys = ("answers", "ended", "texts", "rewards", "success")
+    if n > 1:  # best-of-n: the highest reward of each group
+        keep = [[int(np.argmax(g["rewards"]))] for g in groups]
+    else:  # every answer, as a group of one
+        keep = [list(range(k)) for _ in groups]
+    picked = [dict(g, **{key: [g[key][b]] for key in keys}) for g, bs in zip(groups, keep) for b in bs]
     lengths = [len(g["answers"][0]) for g in picked]
     if n > 1 or model is ref:  # best-of-n's KL: the bound log n - (n - 1) / n per answer, per token
         kl = (math.log(n) - (n - 1) / n) / float(np.mean(lengths))
@@ -693,8 +702,12 @@ def run_demo(cfg: GRPOConfig) -> dict:
             policy = copy.deepcopy(ref).requires_grad_(True)
             print(f"\n=== {name}: " + ", ".join(f"{k}={getattr(mc, k)}" for k in (
                 "adv", "agg", "eps_low", "eps_high", "beta", "inner_steps", "dynamic_sampling")), flush=True)
-            hist = train_rl(policy, ref, tasks, enc, mc, name, evaluate=lambda p, mc=mc: heldout_report(
-                p, ref, enc, held, mc, val, byte_lengths), ptx_data=ptx_data)
+            steps = itertools.count(mc.eval_every, mc.eval_every)
+
+            def evaluate(p: gpt.GPT) -> dict:  # at every eval_every-th step: save the policy, measure it
+                save_policy(p, mc, out / name / f"step{next(steps)}.pt", [])
+                return heldout_report(p, ref, enc, held, mc, val, byte_lengths)
+            hist = train_rl(policy, ref, tasks, enc, mc, name, evaluate=evaluate, ptx_data=ptx_data)
             runs[name] = hist
             save_policy(policy, mc, out / name / "ckpt.pt", hist)
             row.update(train_samples=hist[-1]["samples"], train_time=hist[-1]["time"],

@@ -9,6 +9,7 @@ import importlib.util
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -462,6 +463,28 @@ def test_heldout_evaluation_during_training_changes_nothing(tokenizer, monkeypat
         assert abs(h["length"] - e["length"]) <= 0.5
     assert abs(parsed[0]["heldout"]["success"] - evaluated[0]["heldout"]["success"]) < 1e-4
     assert abs(parsed[0]["heldout"]["val_loss"] - evaluated[0]["heldout"]["val_loss"]) < 1e-4
+
+
+def test_heldout_report_with_k_samples_scores_every_answer(tokenizer, monkeypatch):
+    """--eval_samples=k: k answers per held-out prompt, each scored (pass@1 averaged over k), the same
+    draws a G = k sampling pass makes; k = 1 is the one-answer report; best-of-n keeps one per prompt."""
+    monkeypatch.setitem(grpo.REWARDS, "length", lambda text, words, e, partial: len(text) % 5 / 4)
+    monkeypatch.setattr(grpo.lora, "verify", lambda text, words, ended: len(text) % 3 == 0)
+    enc, model = tokenizer[0], tiny_model()
+    held = lora.load_instructions("valid", 5, seed=1)
+    val, byte_lengths = gpt.load_tokens("valid", enc)[:4096], gpt.token_byte_lengths(enc)
+    for k in (1, 3):
+        cfg = small_cfg(reward="length", eval_samples=k, val_tokens=1024)
+        groups = grpo.sample_groups(model, enc, held, k, cfg.max_new_tokens, cfg.temperature,
+                                    torch.Generator().manual_seed(cfg.seed + 1))
+        grpo.score_groups(groups, enc, grpo.REWARDS["length"])
+        rep = grpo.heldout_report(model, tiny_model(), enc, held, cfg, val, byte_lengths)
+        assert rep["success"] == pytest.approx(np.mean([s for g in groups for s in g["success"]]))
+        assert rep["reward"] == pytest.approx(np.mean([r for g in groups for r in g["rewards"]]))
+        assert rep["length"] == pytest.approx(np.mean([len(a) for g in groups for a in g["answers"]]))
+    assert 0 < rep["success"] < 1
+    best = grpo.heldout_report(model, model, enc, held, cfg, val, byte_lengths, n=3)  # best-of-3 of the same draws
+    assert best["reward"] == pytest.approx(np.mean([max(g["rewards"]) for g in groups]))
 
 
 @pytest.fixture(scope="module")
