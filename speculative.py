@@ -303,7 +303,9 @@ class ModelDrafter:
 
 def lookup_continuation(seq: list[int], g: int, max_ngram: int = 3, min_ngram: int = 1) -> list[int]:
     """Prompt lookup: find the most recent earlier occurrence of the text's last n tokens (n = max_ngram
-    down to min_ngram, the longest that occurs) and return up to g tokens that followed it; [] if none."""
+    down to min_ngram, the longest that occurs) and return up to g tokens that followed it; [] if none.
+    (Saxena's reference code takes the first occurrence; in a text that repeats itself the most recent
+    one is the likelier to continue the same way.)"""
     a = np.asarray(seq)
     for n in range(min(max_ngram, len(a) - 1), min_ngram - 1, -1):
         windows = np.lib.stride_tricks.sliding_window_view(a[:-1], n)  # (len-n, n): n-grams before the end
