@@ -10,72 +10,61 @@
 //
 // small_linear(x (M, K), w (N, K), b (N) or empty) -> y (M, N), fp32, 1 <= M <= 8:
 //
-//   for each block of R consecutive output rows n .. n+R-1 (R = 4 / 2 / 1 for M <= 2 / <= 4 / <= 8, so
-//   that the R x M accumulators fit in the 16 AVX2 registers with room for the loads):
-//       acc[r][m] = 0 (8 lanes each)                          R*M registers
+//   for each output row n (one row of W):
+//       acc[m] = 0 (8 lanes each)                             M registers
 //       for k in 0, 8, 16, .. (8 floats per load):
-//           w_r = W[n + r, k : k + 8]   for r < R              R loads, each weight read once
-//           for m < M: x_m = X[m, k : k + 8]                   from L1 (X is M*K*4 bytes)
-//                      acc[r][m] += w_r * x_m (FMA)            R FMAs per x load
-//       y[m, n + r] = sum of acc[r][m]'s 8 lanes + the k tail (K % 8) + b[n + r]
+//           w_n = W[n, k : k + 8]                              the weight, read once
+//           for m < M: acc[m] += w_n * X[m, k : k + 8] (FMA)   x from L1 (X is M*K*4 bytes)
+//       y[m, n] = sum of acc[m]'s 8 lanes + the k tail (K % 8) + b[n]
 //
-// Layout: W row-major (N, K), so each of the R streams is contiguous and the hardware prefetcher
-// follows it; the N % R last rows run with R = 1. One thread, the decoding thread (the demo decodes on
-// one, decode_threads=1): a multi-threaded version would split the N / R blocks over threads. The 8 lane sums are reduced in a different order than a BLAS would, so results match
-// F.linear to rounding (tests/test_speculative.py: against a float64 x W^T). Without AVX2 + FMA (checked
-// at run time) a plain C++ loop of the same order runs instead.
+// Layout: W row-major (N, K), so the weight is one contiguous stream the hardware prefetcher follows.
+// One weight row per block, not several: blocks of 2 or 4 rows (2-4 streams, more accumulators) were
+// slower for every M on the machine of docs/speculative.md, SmolLM2-135M's 538 MB of weights, median
+// ms of 21 interleaved passes: M = 1: 53 (1 row) vs 61 (4 rows); M = 2: 58 vs 75 (2 rows), 78 (4);
+// M = 3: 61 vs 82; M = 4: 68 vs 89 (2 rows); M = 5: 68; M = 8: 86 (torch's sum over the same 538 MB:
+// 41 ms). Each row of x past the first adds ~4 ms: its loads and FMAs no longer all hide behind the
+// weight stream. One thread, the decoding thread (the demo decodes on one, decode_threads=1):
+// a multi-threaded version would split the N rows over threads. The 8 lane sums are reduced in a
+// different order than a BLAS would, so results match F.linear to rounding (tests/test_speculative.py:
+// against a float64 x W^T); a row's sums do not depend on M, so a verify over M positions gives each
+// position bit for bit what a one-row step gives it. Without AVX2 + FMA (checked at run time) a plain
+// C++ loop of the same order runs instead.
 
 #include <torch/extension.h>
 #include <immintrin.h>
 
 namespace {
 
-template <int M, int R>
+template <int M>
 __attribute__((target("avx2,fma")))
-void rows_avx2(const float* x, const float* w, const float* b, float* y, int64_t K, int64_t N, int64_t n0,
-               int64_t n1) {
-  for (int64_t n = n0; n < n1; n += R) {
-    __m256 acc[R][M];
-    for (int r = 0; r < R; ++r)
-      for (int m = 0; m < M; ++m) acc[r][m] = _mm256_setzero_ps();
+void rows_avx2(const float* x, const float* w, const float* b, float* y, int64_t K, int64_t N) {
+  for (int64_t n = 0; n < N; ++n) {
+    const float* wn = w + n * K;
+    __m256 acc[M];
+    for (int m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps();
     int64_t k = 0;
     for (; k + 8 <= K; k += 8) {
-      __m256 wv[R];
-      for (int r = 0; r < R; ++r) wv[r] = _mm256_loadu_ps(w + (n + r) * K + k);
-      for (int m = 0; m < M; ++m) {
-        const __m256 xv = _mm256_loadu_ps(x + m * K + k);
-        for (int r = 0; r < R; ++r) acc[r][m] = _mm256_fmadd_ps(wv[r], xv, acc[r][m]);
-      }
+      const __m256 wv = _mm256_loadu_ps(wn + k);
+      for (int m = 0; m < M; ++m) acc[m] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + m * K + k), acc[m]);
     }
-    for (int r = 0; r < R; ++r) {
-      for (int m = 0; m < M; ++m) {  // 8 lanes -> 4 -> 1
-        __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc[r][m]), _mm256_extractf128_ps(acc[r][m], 1));
-        s = _mm_hadd_ps(s, s);
-        s = _mm_hadd_ps(s, s);
-        float t = _mm_cvtss_f32(s);
-        for (int64_t kk = k; kk < K; ++kk) t += x[m * K + kk] * w[(n + r) * K + kk];
-        y[m * N + n + r] = b ? t + b[n + r] : t;
-      }
+    for (int m = 0; m < M; ++m) {  // 8 lanes -> 4 -> 1
+      __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc[m]), _mm256_extractf128_ps(acc[m], 1));
+      s = _mm_hadd_ps(s, s);
+      s = _mm_hadd_ps(s, s);
+      float t = _mm_cvtss_f32(s);
+      for (int64_t kk = k; kk < K; ++kk) t += x[m * K + kk] * wn[kk];
+      y[m * N + n] = b ? t + b[n] : t;
     }
   }
 }
 
-void rows_scalar(int64_t M, const float* x, const float* w, const float* b, float* y, int64_t K, int64_t N,
-                 int64_t n0, int64_t n1) {
-  for (int64_t n = n0; n < n1; ++n)
+void rows_scalar(int64_t M, const float* x, const float* w, const float* b, float* y, int64_t K, int64_t N) {
+  for (int64_t n = 0; n < N; ++n)
     for (int64_t m = 0; m < M; ++m) {
       float t = 0.f;
       for (int64_t k = 0; k < K; ++k) t += x[m * K + k] * w[n * K + k];
       y[m * N + n] = b ? t + b[n] : t;
     }
-}
-
-template <int M>
-void run(const float* x, const float* w, const float* b, float* y, int64_t K, int64_t N) {
-  constexpr int R = M <= 2 ? 4 : (M <= 4 ? 2 : 1);
-  const int64_t full = N / R * R;
-  rows_avx2<M, R>(x, w, b, y, K, N, 0, full);
-  if (full < N) rows_avx2<M, 1>(x, w, b, y, K, N, full, N);
 }
 
 }  // namespace
@@ -103,18 +92,18 @@ torch::Tensor small_linear_impl(const torch::Tensor& x, const torch::Tensor& w, 
   const float *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   if (!avx2) {
-    rows_scalar(M, xp, wp, bp, yp, K, N, 0, N);
+    rows_scalar(M, xp, wp, bp, yp, K, N);
     return y;
   }
   switch (M) {
-    case 1: run<1>(xp, wp, bp, yp, K, N); break;
-    case 2: run<2>(xp, wp, bp, yp, K, N); break;
-    case 3: run<3>(xp, wp, bp, yp, K, N); break;
-    case 4: run<4>(xp, wp, bp, yp, K, N); break;
-    case 5: run<5>(xp, wp, bp, yp, K, N); break;
-    case 6: run<6>(xp, wp, bp, yp, K, N); break;
-    case 7: run<7>(xp, wp, bp, yp, K, N); break;
-    default: run<8>(xp, wp, bp, yp, K, N); break;
+    case 1: rows_avx2<1>(xp, wp, bp, yp, K, N); break;
+    case 2: rows_avx2<2>(xp, wp, bp, yp, K, N); break;
+    case 3: rows_avx2<3>(xp, wp, bp, yp, K, N); break;
+    case 4: rows_avx2<4>(xp, wp, bp, yp, K, N); break;
+    case 5: rows_avx2<5>(xp, wp, bp, yp, K, N); break;
+    case 6: rows_avx2<6>(xp, wp, bp, yp, K, N); break;
+    case 7: rows_avx2<7>(xp, wp, bp, yp, K, N); break;
+    default: rows_avx2<8>(xp, wp, bp, yp, K, N); break;
   }
   return y;
 }

@@ -722,11 +722,34 @@ def kernel_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
 THIN = ("off", "head", "all", "kernel")  # StaticRunner(thin=...): which matmuls run how
 
 
-def static_mlp(mlp: nn.Module, x: torch.Tensor, lin) -> torch.Tensor:
-    """gpt.py's SwiGLU / GeluMLP with every matmul through `lin`; any other MLP (e.g. moe.py's) runs as is."""
+def stacked(*linears: nn.Linear) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The weights (and biases) of linears that read the same input, stacked along their outputs: one
+    matmul, so one pass over the weights and one call, instead of several (gpt-fast's fused wqkv). A copy:
+    the decoder's, made when it is built (the model's weights must not change while it decodes)."""
+    w = torch.cat([lin.weight for lin in linears])  # (N1 + N2 + .., K)
+    b = None if linears[0].bias is None else torch.cat([lin.bias for lin in linears])
+    return w, b
+
+
+def stack_layers(blocks: nn.ModuleList) -> list[dict]:
+    """Per block: wq|wk|wv stacked as "qkv", and a SwiGLU's gate|up (w1|w3) as "w13"."""
+    out = []
+    for block in blocks:
+        a, mlp = block.attention, block.feed_forward
+        out.append(dict(qkv=stacked(a.wq, a.wk, a.wv)) | (dict(w13=stacked(mlp.w1, mlp.w3))
+                                                          if isinstance(mlp, gpt.SwiGLU) else {}))
+    return out
+
+
+def static_mlp(mlp: nn.Module, x: torch.Tensor, lin, w13: Optional[tuple] = None) -> torch.Tensor:
+    """gpt.py's SwiGLU / GeluMLP with every matmul through `lin` (a SwiGLU's gate and up in one, given their
+    stacked weights w13); any other MLP (e.g. moe.py's) runs as is."""
     if isinstance(mlp, gpt.SwiGLU):
-        return lin(F.silu(lin(x, mlp.w1.weight, mlp.w1.bias)) * lin(x, mlp.w3.weight, mlp.w3.bias),
-                   mlp.w2.weight, mlp.w2.bias)
+        if w13 is None:
+            gate, up = lin(x, mlp.w1.weight, mlp.w1.bias), lin(x, mlp.w3.weight, mlp.w3.bias)
+        else:
+            gate, up = lin(x, *w13).chunk(2, dim=-1)  # (B, T, 2H) -> 2 x (B, T, H)
+        return lin(F.silu(gate) * up, mlp.w2.weight, mlp.w2.bias)
     if isinstance(mlp, gpt.GeluMLP):
         return lin(F.gelu(lin(x, mlp.w1.weight, mlp.w1.bias), approximate="tanh"), mlp.w2.weight, mlp.w2.bias)
     return mlp(x)
@@ -766,32 +789,43 @@ class StaticCache:
 
 
 def static_blocks(blocks: nn.ModuleList, x: torch.Tensor, pos: torch.Tensor, cache: StaticCache,
-                  rope: bool, lin=F.linear) -> torch.Tensor:
+                  rope: bool, lin=F.linear, stacks: Optional[list[dict]] = None,
+                  live: Optional[int] = None) -> torch.Tensor:
     """gpt.Block's math (pre-norm attention + MLP) for x (1, T, C) at positions pos (T,), keys and values
     written into and read from the static cache; the same operations as gpt.Attention.forward, every
-    matmul with a weight through `lin` (F.linear or thin_linear)."""
+    matmul with a weight through `lin` (F.linear, thin_linear or kernel_linear), with the stacked q|k|v and
+    gate|up weights of stack_layers when given. Attention reads every slot (fixed shapes, for torch.compile)
+    or, given `live`, the first `live` slots only: uncompiled, the slots past the last position are
+    masked anyway, and at a context of 400 in a cache of 1024 they cost SmolLM2 a tenth of a step."""
     B, T, C = x.shape
-    i, j = pos[:, None], cache.slots[None, :]
+    S = live or cache.size  # the slots attention reads
+    i, j = pos[:, None], cache.slots[None, :S]
     mask = j <= i  # (T, S): causal over the slots, which hold positions
     if cache.window:
         mask = mask & (i - j < cache.window)
     cs = (cache.cos[pos], cache.sin[pos]) if rope else None  # (T, hs/2) each
     for layer, block in enumerate(blocks):
         a, cfg = block.attention, block.attention.cfg
+        nq, nkv = cfg.n_head * cfg.head_size, cfg.n_kv_head * cfg.head_size
         y = block.attention_norm(x)
-        q = lin(y, a.wq.weight, a.wq.bias).view(B, T, cfg.n_head, cfg.head_size)  # (B, T, nh, hs)
-        k = lin(y, a.wk.weight, a.wk.bias).view(B, T, cfg.n_kv_head, cfg.head_size)  # (B, T, nkv, hs)
-        v = lin(y, a.wv.weight, a.wv.bias).view(B, T, cfg.n_kv_head, cfg.head_size)
+        if stacks is None:
+            q, k, v = lin(y, a.wq.weight, a.wq.bias), lin(y, a.wk.weight, a.wk.bias), lin(y, a.wv.weight, a.wv.bias)
+        else:
+            q, k, v = lin(y, *stacks[layer]["qkv"]).split([nq, nkv, nkv], dim=-1)  # (B, T, nq + 2 nkv) -> 3
+        q = q.view(B, T, cfg.n_head, cfg.head_size)  # (B, T, nh, hs)
+        k = k.view(B, T, cfg.n_kv_head, cfg.head_size)  # (B, T, nkv, hs)
+        v = v.view(B, T, cfg.n_kv_head, cfg.head_size)
         if cfg.qk_norm:
             q, k = a.q_norm(q), a.k_norm(k)
         if cs is not None:
             q, k = gpt.apply_rope(q, *cs), gpt.apply_rope(k, *cs)
         cache.k[layer].index_copy_(2, pos, k.transpose(1, 2))  # (B, nkv, T, hs) into slots pos
         cache.v[layer].index_copy_(2, pos, v.transpose(1, 2))
-        o = static_attention(q.transpose(1, 2), cache.k[layer], cache.v[layer], mask,
+        o = static_attention(q.transpose(1, 2), cache.k[layer][:, :, :S], cache.v[layer][:, :, :S], mask,
                              getattr(a, "sinks", None), cfg.attn_soft_cap)  # (B, nh, T, hs)
-        x = x + lin(o.transpose(1, 2).reshape(B, T, cfg.n_head * cfg.head_size), a.wo.weight, a.wo.bias)
-        x = x + static_mlp(block.feed_forward, block.ffn_norm(x), lin)
+        x = x + lin(o.transpose(1, 2).reshape(B, T, nq), a.wo.weight, a.wo.bias)
+        x = x + static_mlp(block.feed_forward, block.ffn_norm(x), lin,
+                           None if stacks is None else stacks[layer].get("w13"))
     return x
 
 
@@ -825,6 +859,8 @@ class StaticRunner:
         self.subset: Optional[torch.Tensor] = None
         self.lin = {"all": thin_linear, "kernel": kernel_linear}.get(thin, F.linear)  # the blocks' matmuls
         self.lin_head = {"head": thin_linear, "all": thin_linear, "kernel": kernel_linear}.get(thin, F.linear)
+        with torch.no_grad():
+            self.stacks = stack_layers(model.layers)  # q|k|v and gate|up: one matmul each
         self.compiled = torch.compile(self.step, dynamic=None) if compile else self.step
 
     def reset(self) -> None:
@@ -835,14 +871,15 @@ class StaticRunner:
         w = self.model.output.weight
         self.head = w if subset is None else w[subset].contiguous()  # (N, C): the subset's rows
 
-    def step(self, idx: torch.Tensor, pos: torch.Tensor,
-             last_only: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """idx (1, T) at positions pos (T,) -> logits (1, T or 1, V or N), hidden (1, T, C)."""
+    def step(self, idx: torch.Tensor, pos: torch.Tensor, last_only: bool,
+             live: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """idx (1, T) at positions pos (T,) -> logits (1, T or 1, V or N), hidden (1, T, C); attention over
+        the first `live` cache slots (None: all of them)."""
         m = self.model
         x = m.tok_embeddings(idx)  # (1, T, C)
         if m.cfg.pos_emb == "learned":
             x = x + m.pos_embeddings(pos)
-        h = static_blocks(m.layers, x, pos, self.cache, m.cfg.pos_emb == "rope", self.lin)
+        h = static_blocks(m.layers, x, pos, self.cache, m.cfg.pos_emb == "rope", self.lin, self.stacks, live)
         y = h[:, -1:] if last_only else h
         return self.lin_head(m.norm(y), self.head), h  # (1, T', V|N)
 
@@ -852,11 +889,14 @@ class StaticRunner:
         if self.pos + T > self.cache.size:
             raise ValueError(f"the static cache holds {self.cache.size} positions; this needs {self.pos + T}")
         idx, pos = torch.tensor([tokens]), torch.arange(self.pos, self.pos + T)
-        fn = self.step if self.pos == 0 else self.compiled  # prefill eager, decode / verify compiled
-        if T > 1:  # one graph for every verify length, not one per length
+        compiled = self.pos > 0 and self.compiled is not self.step  # prefill eager, decode / verify compiled
+        if compiled and T > 1:  # one graph for every verify length, not one per length
             torch._dynamo.mark_dynamic(idx, 1)
             torch._dynamo.mark_dynamic(pos, 0)
-        logits, h = fn(idx, pos, last_only)
+        if compiled:  # fixed shapes: attention over every slot
+            logits, h = self.compiled(idx, pos, last_only)
+        else:  # uncompiled: over the filled ones only
+            logits, h = self.step(idx, pos, last_only, self.pos + T)
         self.pos += T
         return logits[0], (h[0] if self.want_hidden else None)
 
@@ -1105,8 +1145,8 @@ class DemoConfig:
     draft_iters: int = 300  # training steps of the draft
     lr: float = 6e-3  # peak learning rate of all three (gpt.py's default)
     n_prompts: int = 4  # story openings from the validation split
-    prompts: str = "openings"  # openings: a story's first prompt_tokens tokens, continued | retell (smollm2
-    #                            only): "Retell this story in your own words:" + a validation story, as chat
+    prompts: str = "openings"  # openings: a story's first prompt_tokens tokens, continued | retell, edit
+    #                            (smollm2 only): a validation story in a chat request (STORY_TASKS)
     prompt_tokens: int = 16  # each prompt: a story's first tokens
     max_new_tokens: int = 128  # tokens each method generates per prompt (no stop at <|endoftext|>)
     gammas: str = "1,2,3,4,6"  # draft lengths of the draft pair (the MTP pair uses 1..n_mtp)
@@ -1145,8 +1185,9 @@ class DemoConfig:
             raise ValueError("temperature is the sampled runs' (greedy runs always happen): use > 0")
         if self.pair not in ("toy", "smollm2"):
             raise ValueError(f"pair must be toy or smollm2, not {self.pair!r}")
-        if self.prompts not in ("openings", "retell") or (self.prompts == "retell" and self.pair != "smollm2"):
-            raise ValueError(f"prompts must be openings, or retell with --pair=smollm2 (a chat model), not "
+        if self.prompts not in ("openings", *STORY_TASKS) or (self.prompts != "openings" and self.pair != "smollm2"):
+            raise ValueError(f"prompts must be openings, or {' or '.join(STORY_TASKS)} with --pair=smollm2 (a chat "
+                             f"model), not "
                              f"{self.prompts!r} with --pair={self.pair}")
         if self.thin not in THIN:
             raise ValueError(f"thin must be one of {', '.join(THIN)}, not {self.thin!r}")
@@ -1437,8 +1478,8 @@ def smollm2_models(dc: DemoConfig, log=print) -> dict:
         raise RuntimeError("--pair=smollm2 needs pretrained.py (the GGUF loader of SmolLM2)") from e
     G = max(dc.gamma_list + dc.lookup_gamma_list + [dc.n_mtp])  # the longest verify chunk
     context = dc.prompt_tokens + dc.max_new_tokens + 2 * G + 8
-    if dc.prompts == "retell":
-        context += RETELL_MAX_TOKENS + 64  # the story and the chat template around it
+    if dc.prompts in STORY_TASKS:
+        context += STORY_MAX_TOKENS + 64  # the story and the chat template around it
     model, enc, _ = pretrained.load(context=max(context, dc.frozen_block + 1))
     model.eval().requires_grad_(False)
     V = model.cfg.vocab_size
@@ -1452,25 +1493,32 @@ def smollm2_models(dc: DemoConfig, log=print) -> dict:
     losses = mtp_val_losses(mtp, val_tok, 8, dc.frozen_block, subset)
     print(f"MTP depth losses (first 8 x {dc.frozen_block} val tokens, softmax over the subset): "
           + ", ".join(f"{v:.3f}" for v in losses.values()) + "\n")
-    prompts = retell_prompts(enc, val_tok, dc.n_prompts, V) if dc.prompts == "retell" else None
+    prompts = story_task_prompts(enc, val_tok, dc.n_prompts, V, dc.prompts) if dc.prompts in STORY_TASKS else None
     return dict(target=None, mtp=mtp, draft=None, enc=enc, train_tok=train_tok, val_tok=val_tok,
                 subset=subset, cover=cover, ref_models={"SmolLM2-135M-Instruct": model}, prompts=prompts)
 
 
-RETELL_MAX_TOKENS = 250  # retell prompts: validation stories of 60 to 250 tokens
+STORY_MAX_TOKENS = 250  # story-task prompts: validation stories of 60 to 250 tokens
+# Input-grounded chat requests around a story, for SmolLM2-135M-Instruct: where drafts copied from the
+# prompt (LookupDrafter) are meant to shine. A retelling paraphrases (short copied runs); an edit writes
+# the story out again with few changes (long ones): the two ends of "how much of the answer is in the
+# prompt", which decides prompt lookup's tokens per call.
+STORY_TASKS = {"retell": "Retell this story in your own words:",
+               "edit": "Correct any mistakes in this story and write it out in full:"}
 
 
-def retell_prompts(enc, tokens: np.ndarray, n: int, vocab_size: int) -> list[list[int]]:
-    """An input-grounded task for SmolLM2-135M-Instruct (where prompt lookup is meant to shine, as in
-    summarising or editing): the chat prompt 'Retell this story in your own words:' + the first n
-    validation stories of 60-250 tokens."""
+def story_task_prompts(enc, tokens: np.ndarray, n: int, vocab_size: int, task: str = "retell") -> list[list[int]]:
+    """The chat prompt STORY_TASKS[task] + a blank line + a story, for the first n validation stories of
+    60-250 tokens (ChatML, ending with the assistant's header)."""
     import pretrained
+    if task not in STORY_TASKS:
+        raise ValueError(f"task must be one of {', '.join(STORY_TASKS)}, not {task!r}")
     ends = np.flatnonzero(tokens == enc.eot_token)
-    spans = [(s, e) for s, e in zip(np.concatenate([[0], ends[:-1] + 1]), ends) if 60 <= e - s <= RETELL_MAX_TOKENS]
+    spans = [(s, e) for s, e in zip(np.concatenate([[0], ends[:-1] + 1]), ends) if 60 <= e - s <= STORY_MAX_TOKENS]
     if len(spans) < n:
-        raise ValueError(f"only {len(spans)} validation stories of 60-{RETELL_MAX_TOKENS} tokens, asked for {n}")
-    return [pretrained.chatml_ids(enc, [("user", "Retell this story in your own words:\n\n"
-                                         + enc.decode(tokens[s:e].tolist()))], vocab_size) for s, e in spans[:n]]
+        raise ValueError(f"only {len(spans)} validation stories of 60-{STORY_MAX_TOKENS} tokens, asked for {n}")
+    return [pretrained.chatml_ids(enc, [("user", f"{STORY_TASKS[task]}\n\n" + enc.decode(tokens[s:e].tolist()))],
+                                  vocab_size) for s, e in spans[:n]]
 
 
 def toy_models(dc: DemoConfig) -> dict:

@@ -250,8 +250,10 @@ def kernel_calls(monkeypatch, request):
 @needs_cxx
 @pytest.mark.parametrize("rows", range(1, 9))
 def test_small_linear_kernel_equals_float64(rows):
-    """kernels_cpu.cpp's small_linear: x W^T + b for 1-8 rows, shapes with a K tail (K % 8) and an N tail
-    (N % R), with and without bias, against a float64 reference; 9 rows and prompts go to F.linear."""
+    """kernels_cpu.cpp's small_linear: x W^T + b for 1-8 rows, shapes with a K tail (K % 8), with and
+    without bias, against a float64 reference; each row's result bit for bit the same as that row alone
+    (so a verify chunk's matmuls give each position what a one-token step gives it); 9 rows and prompts
+    go to F.linear."""
     torch.manual_seed(rows)
     ext = S.kernels_cpu()
     for N, K in ((1, 1), (5, 8), (13, 21), (64, 576), (7, 1539)):
@@ -262,6 +264,9 @@ def test_small_linear_kernel_equals_float64(rows):
             for fn in (ext.small_linear, ext.small_linear_scalar):  # AVX2, and the fallback without it
                 got = fn(x, w, bias if bias is not None else torch.empty(0))
                 assert got.shape == (rows, N) and torch.allclose(got.double(), want, atol=1e-5 * math.sqrt(K))
+                alone = torch.cat([fn(x[m:m + 1], w, bias if bias is not None else torch.empty(0))
+                                   for m in range(rows)])
+                assert torch.equal(got, alone)
             with torch.no_grad():
                 got = S.kernel_linear(x.view(1, rows, K), w, bias)  # (1, rows, N), as a decoder calls it
             assert torch.allclose(got[0].double(), want, atol=1e-5 * math.sqrt(K))
@@ -662,9 +667,10 @@ def test_demo_measures_lookup_and_the_kernel_engine(tmp_path, capsys):
     assert "| lookup | static | greedy | 3 | - / " in capsys.readouterr().out
 
 
-def test_retell_prompts_wrap_validation_stories_in_the_chat_template():
-    """--prompts=retell (SmolLM2): each prompt is the ChatML user turn 'Retell this story...' + a whole
-    validation story of 60-250 tokens, ending with the assistant's header; refused for the toy pair."""
+@pytest.mark.parametrize("task", list(S.STORY_TASKS))
+def test_story_task_prompts_wrap_validation_stories_in_the_chat_template(task):
+    """--prompts=retell / edit (SmolLM2): each prompt is the ChatML user turn of the task's request + a
+    whole validation story of 60-250 tokens, ending with the assistant's header; refused for the toy pair."""
     pretrained = pytest.importorskip("pretrained")
     try:
         path = pretrained.default_gguf()
@@ -673,13 +679,15 @@ def test_retell_prompts_wrap_validation_stories_in_the_chat_template():
     enc = pretrained.tokenizer_from_gguf(pretrained.read_gguf(path).metadata)
     V = enc.n_vocab
     val = pretrained.validation_tokens(enc, V, "valid")
-    prompts = S.retell_prompts(enc, val, 3, V)
+    prompts = S.story_task_prompts(enc, val, 3, V, task)
+    head = f"{S.STORY_TASKS[task]}\n\n"
     assert len(prompts) == 3 and len({tuple(p) for p in prompts}) == 3
     for p in prompts:
         text = enc.decode(p)
-        assert text.startswith("<|im_start|>user\nRetell this story in your own words:\n\n")
+        assert text.startswith(f"<|im_start|>user\n{head}")
         assert text.endswith("<|im_end|>\n<|im_start|>assistant\n")
-        assert 60 <= len(p) - len(pretrained.chatml_ids(enc, [("user", "Retell this story in your own words:\n\n")],
-                                                          V)) <= S.RETELL_MAX_TOKENS + 2
-    with pytest.raises(ValueError, match="retell"):
-        S.DemoConfig(prompts="retell")
+        assert 60 <= len(p) - len(pretrained.chatml_ids(enc, [("user", head)], V)) <= S.STORY_MAX_TOKENS + 2
+    with pytest.raises(ValueError, match=task):
+        S.DemoConfig(prompts=task)
+    with pytest.raises(ValueError, match="task must be"):
+        S.story_task_prompts(enc, val, 3, V, "summarise")
