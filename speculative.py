@@ -862,6 +862,7 @@ class StaticRunner:
         self.lin_head = {"head": thin_linear, "all": thin_linear, "kernel": kernel_linear}.get(thin, F.linear)
         with torch.no_grad():
             self.stacks = stack_layers(model.layers)  # q|k|v and gate|up: one matmul each
+        self.compile = compile
         self.compiled = torch.compile(self.step, dynamic=None) if compile else self.step
 
     def reset(self) -> None:
@@ -890,7 +891,7 @@ class StaticRunner:
         if self.pos + T > self.cache.size:
             raise ValueError(f"the static cache holds {self.cache.size} positions; this needs {self.pos + T}")
         idx, pos = torch.tensor([tokens]), torch.arange(self.pos, self.pos + T)
-        compiled = self.pos > 0 and self.compiled is not self.step  # prefill eager, decode / verify compiled
+        compiled = self.compile and self.pos > 0  # prefill eager, decode / verify compiled
         if compiled and T > 1:  # one graph for every verify length, not one per length
             torch._dynamo.mark_dynamic(idx, 1)
             torch._dynamo.mark_dynamic(pos, 0)

@@ -225,6 +225,21 @@ def test_static_decoder_equals_gpt_forward(variant, thin, kernel_calls):
     assert (kernel_calls[0] > 0) == (thin == "kernel")  # the steps and the chunk ran the kernel
 
 
+def test_uncompiled_static_decoder_attends_over_the_filled_slots_only(monkeypatch):
+    """Uncompiled, every call's attention reads slots 0 .. pos + T - 1 of the cache, not all of them: the
+    prefill, a one-token step, a verify chunk, and a step after a rollback."""
+    model = tiny_model(0)
+    seen, attend = [], S.static_attention
+    monkeypatch.setattr(S, "static_attention", lambda q, k, *a: seen.append(k.shape[2]) or attend(q, k, *a))
+    r = S.StaticRunner(model, 32)
+    r.feed(list(range(5)))
+    r.feed([7])
+    r.feed([1, 2, 3])
+    r.truncate(7)
+    r.feed([4])
+    assert seen == [n for n in (5, 6, 9, 8) for _ in range(model.cfg.n_layer)]
+
+
 HAS_CXX = bool(shutil.which("c++") or shutil.which("g++"))  # kernels_cpu.cpp is built on first use
 needs_cxx = pytest.mark.skipif(not HAS_CXX, reason="kernels_cpu.cpp needs a C++ compiler")
 
